@@ -1,0 +1,204 @@
+// CPU kernels of attention_stats and attention_stats_from_probs.
+//
+// Work is split over (sample, kv head) pairs for attention_stats and (sample, head) pairs for
+// the probs variant; each task owns its rows of the per-head score scratch, and the head
+// reduction into token_score runs afterwards in a fixed order, so results are bitwise
+// reproducible whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "../dyrate.h"
+
+namespace dyrate {
+namespace {
+
+// Eight independent partial sums let the compiler vectorise without reassociating a chain.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += a[d + u] * b[d + u];
+  }
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+// token_score[b, j] = sum_h partial[b, h, j] * inv, summed in head order.
+void reduce_heads(const float* partial, float* token_score, int64_t B, int64_t H, int64_t L,
+                  float inv) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* out = token_score + b * L;
+      std::fill(out, out + L, 0.f);
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = partial + (b * H + h) * L;
+        for (int64_t j = 0; j < L; ++j) out[j] += row[j];
+      }
+      for (int64_t j = 0; j < L; ++j) out[j] *= inv;
+    }
+  });
+}
+
+template <typename T>
+void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& token_type,
+                          const StatsDims& d, float scale, int64_t num_types, bool causal,
+                          float* type_mass,  // [B, H_q, T]
+                          float* partial) {  // [B, H_q, L] per-head sum over query rows
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const int8_t* tp = token_type.const_data_ptr<int8_t>();
+  const int64_t G = d.Hq / d.Hkv, R = G * d.Q, L = d.L, D = d.D, Q = d.Q;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(R * D), kf(D), logits(R * L);
+    std::vector<double> mass(num_types);
+    std::vector<float> row_mass(num_types);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / d.Hkv, hkv = task % d.Hkv;
+      const int8_t* types = tp + b * token_type.stride(0);
+      const int64_t tstride = token_type.stride(1);
+      // Row r = g * Q + i holds query head hkv * G + g, query row i.
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < Q; ++i) {
+          const T* src = qp + b * q.stride(0) + (hkv * G + g) * q.stride(1) + i * q.stride(2);
+          load_row(src, qf.data() + (g * Q + i) * D, D);
+        }
+      }
+      for (int64_t j = 0; j < L; ++j) {
+        const bool valid = types[j * tstride] >= 0;
+        if (valid) load_row(kp + b * k.stride(0) + hkv * k.stride(1) + j * k.stride(2), kf.data(), D);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t i = r % Q;
+          const bool allowed = valid && (!causal || j <= L - Q + i);
+          logits[r * L + j] = allowed ? scale * dot(qf.data() + r * D, kf.data(), D) : neg_inf;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hkv * G + g;
+        float* prow = partial + (b * d.Hq + h) * L;
+        std::fill(mass.begin(), mass.end(), 0.0);
+        for (int64_t i = 0; i < Q; ++i) {
+          float* lrow = logits.data() + (g * Q + i) * L;
+          float mx = neg_inf;
+          for (int64_t j = 0; j < L; ++j) mx = std::max(mx, lrow[j]);
+          if (mx == neg_inf) continue;  // no allowed slot: the row contributes zeros
+          float sum = 0.f;
+          for (int64_t j = 0; j < L; ++j) {
+            const float e = lrow[j] == neg_inf ? 0.f : std::exp(lrow[j] - mx);
+            lrow[j] = e;
+            sum += e;
+          }
+          const float inv = 1.f / sum;
+          std::fill(row_mass.begin(), row_mass.end(), 0.f);
+          for (int64_t j = 0; j < L; ++j) {
+            const float p = lrow[j] * inv;
+            prow[j] += p;
+            const int t = types[j * tstride];
+            if (t >= 0) row_mass[t] += p;
+          }
+          for (int64_t t = 0; t < num_types; ++t) mass[t] += row_mass[t];
+        }
+        for (int64_t t = 0; t < num_types; ++t) {
+          type_mass[(b * d.Hq + h) * num_types + t] = static_cast<float>(mass[t] / Q);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void stats_from_probs_impl(const at::Tensor& probs, const at::Tensor& token_type,
+                           int64_t num_types,
+                           float* type_mass,  // [B, H, T]
+                           float* partial) {  // [B, H, L]
+  const int64_t B = probs.size(0), H = probs.size(1), Q = probs.size(2), L = probs.size(3);
+  const T* pp = probs.const_data_ptr<T>();
+  const int8_t* tp = token_type.const_data_ptr<int8_t>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mass(num_types);
+    std::vector<float> row_mass(num_types);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const int8_t* types = tp + b * token_type.stride(0);
+      float* prow = partial + task * L;
+      std::fill(mass.begin(), mass.end(), 0.0);
+      for (int64_t i = 0; i < Q; ++i) {
+        const T* src = pp + b * probs.stride(0) + h * probs.stride(1) + i * probs.stride(2);
+        std::fill(row_mass.begin(), row_mass.end(), 0.f);
+        for (int64_t j = 0; j < L; ++j) {
+          const int t = types[j * token_type.stride(1)];
+          if (t < 0) continue;
+          const float p = static_cast<float>(src[j]);
+          prow[j] += p;
+          row_mass[t] += p;
+        }
+        for (int64_t t = 0; t < num_types; ++t) mass[t] += row_mass[t];
+      }
+      for (int64_t t = 0; t < num_types; ++t) {
+        type_mass[task * num_types + t] = Q > 0 ? static_cast<float>(mass[t] / Q) : 0.f;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_stats_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& token_type, double scale,
+                                                       int64_t num_types, bool causal) {
+  const StatsDims d = check_attention_stats_args(q, k, token_type, num_types);
+  check_token_type_values(token_type, num_types);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor type_mass = at::zeros({d.B, d.Hq, num_types}, f32);
+  at::Tensor token_score = at::empty({d.B, d.L}, f32);
+  at::Tensor partial = at::zeros({d.B, d.Hq, d.L}, f32);
+  if (d.B == 0 || d.Q == 0 || d.L == 0) {
+    token_score.zero_();
+    return {type_mass, token_score};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_stats", [&] {
+    attention_stats_impl<scalar_t>(q, k, token_type, d, static_cast<float>(scale), num_types,
+                                   causal, type_mass.data_ptr<float>(), partial.data_ptr<float>());
+  });
+  reduce_heads(partial.const_data_ptr<float>(), token_score.data_ptr<float>(), d.B, d.Hq, d.L,
+               1.f / static_cast<float>(d.Hq * d.Q));
+  return {type_mass, token_score};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_stats_from_probs_cpu(const at::Tensor& probs,
+                                                                  const at::Tensor& token_type,
+                                                                  int64_t num_types) {
+  check_stats_from_probs_args(probs, token_type, num_types);
+  check_token_type_values(token_type, num_types);
+  const int64_t B = probs.size(0), H = probs.size(1), Q = probs.size(2), L = probs.size(3);
+  const auto f32 = probs.options().dtype(at::kFloat);
+  at::Tensor type_mass = at::zeros({B, H, num_types}, f32);
+  at::Tensor token_score = at::zeros({B, L}, f32);
+  if (B == 0 || H == 0 || Q == 0 || L == 0) return {type_mass, token_score};
+  at::Tensor partial = at::zeros({B, H, L}, f32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(),
+                                  "attention_stats_from_probs", [&] {
+    stats_from_probs_impl<scalar_t>(probs, token_type, num_types, type_mass.data_ptr<float>(),
+                                    partial.data_ptr<float>());
+  });
+  reduce_heads(partial.const_data_ptr<float>(), token_score.data_ptr<float>(), B, H, L,
+               1.f / static_cast<float>(H * Q));
+  return {type_mass, token_score};
+}
+
+}  // namespace dyrate

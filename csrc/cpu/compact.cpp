@@ -1,0 +1,102 @@
+// CPU kernels of compact_ and compact_token_type_.
+//
+// keep_index is strictly ascending, so destination slot s never exceeds its source slot and a
+// forward walk over s never reads a slot it already overwrote. Slots before the first one that
+// changes place are not touched; after it, consecutive sources form runs that move with one
+// memmove each (memmove, since a run's source and destination ranges may overlap).
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../dyrate.h"
+
+namespace dyrate {
+namespace {
+
+struct Run {
+  int64_t dst, src, len;
+};
+
+// The moves that turn row b into its compacted form: runs of slots that change place.
+std::vector<std::vector<Run>> plan_runs(const at::Tensor& keep_index, const at::Tensor& new_length) {
+  const int64_t B = keep_index.size(0);
+  const int64_t* idx = keep_index.const_data_ptr<int64_t>();
+  const int64_t* len = new_length.const_data_ptr<int64_t>();
+  std::vector<std::vector<Run>> runs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = len[b * new_length.stride(0)];
+    const int64_t* row = idx + b * keep_index.stride(0);
+    const int64_t st = keep_index.stride(1);
+    int64_t s = 0;
+    while (s < n && row[s * st] == s) ++s;
+    while (s < n) {
+      Run r{s, row[s * st], 1};
+      while (s + r.len < n && row[(s + r.len) * st] == r.src + r.len) ++r.len;
+      runs[b].push_back(r);
+      s += r.len;
+    }
+  }
+  return runs;
+}
+
+}  // namespace
+
+void compact_cpu(at::TensorList tensors, const at::Tensor& keep_index,
+                 const at::Tensor& new_length) {
+  check_compact_args(tensors, keep_index, new_length);
+  check_keep_index_values(keep_index, new_length);
+  if (tensors.empty()) return;
+  const auto runs = plan_runs(keep_index, new_length);
+  const int64_t B = keep_index.size(0);
+
+  // One task per (tensor, sample, head) row; prefix sums map a flat task id to its row.
+  std::vector<int64_t> first_task(tensors.size() + 1, 0);
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    first_task[t + 1] = first_task[t] + B * tensors[t].size(1);
+  }
+  const int64_t total = first_task.back();
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    size_t t = 0;
+    for (int64_t task = begin; task < end; ++task) {
+      while (first_task[t + 1] <= task) ++t;
+      const at::Tensor& x = tensors[t];
+      const int64_t H = x.size(1), local = task - first_task[t];
+      const int64_t b = local / H, h = local % H;
+      const int64_t esize = x.element_size(), D = x.size(3);
+      const int64_t slot_stride = x.stride(2) * esize, slot_bytes = D * esize;
+      char* base = static_cast<char*>(x.data_ptr()) + (b * x.stride(0) + h * x.stride(1)) * esize;
+      const bool packed = x.stride(2) == D;  // slots are back to back: a run is one block
+      for (const Run& r : runs[b]) {
+        if (packed) {
+          std::memmove(base + r.dst * slot_stride, base + r.src * slot_stride, r.len * slot_bytes);
+        } else {
+          for (int64_t u = 0; u < r.len; ++u) {
+            std::memmove(base + (r.dst + u) * slot_stride, base + (r.src + u) * slot_stride,
+                         slot_bytes);
+          }
+        }
+      }
+    }
+  });
+}
+
+void compact_token_type_cpu(const at::Tensor& token_type, const at::Tensor& keep_index,
+                            const at::Tensor& new_length) {
+  check_compact_token_type_args(token_type, keep_index, new_length);
+  check_keep_index_values(keep_index, new_length);
+  const int64_t B = token_type.size(0), L = token_type.size(1);
+  int8_t* tp = token_type.data_ptr<int8_t>();
+  const int64_t* idx = keep_index.const_data_ptr<int64_t>();
+  const int64_t* len = new_length.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int8_t* row = tp + b * token_type.stride(0);
+    const int64_t ts = token_type.stride(1);
+    const int64_t n = len[b * new_length.stride(0)];
+    for (int64_t s = 0; s < n; ++s) row[s * ts] = row[idx[b * keep_index.stride(0) + s * keep_index.stride(1)] * ts];
+    for (int64_t s = n; s < L; ++s) row[s * ts] = -1;
+  }
+}
+
+}  // namespace dyrate

@@ -1,0 +1,117 @@
+"""Plain-PyTorch reference of every dyrate op: the executable form of DESIGN.md.
+
+Readable rather than fast. Every function accepts float64 inputs, so tests can compare the
+compiled kernels against a float64 oracle. Nothing here is used by the fast paths.
+
+Shapes (see DESIGN.md):
+    q            [B, H_q, Q, D]
+    k            [B, H_kv, L, D]
+    probs        [B, H, Q, L]
+    token_type   int8 [B, L]   0 system, 1 image, 2 instruction, 3 response, -1 empty
+    token_score  float [B, L]
+    keep_index   int64 [B, L]  kept slots ascending, then -1
+    new_length   int64 [B]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def allowed_mask(token_type: Tensor, q_len: int, causal: bool = True) -> Tensor:
+    """bool [B, Q, L]: which slots query row i may attend to."""
+    b, l_len = token_type.shape
+    allowed = (token_type >= 0)[:, None, :].expand(b, q_len, l_len)
+    if causal:
+        rows = torch.arange(q_len, device=token_type.device)[:, None]
+        cols = torch.arange(l_len, device=token_type.device)[None, :]
+        allowed = allowed & (cols <= l_len - q_len + rows)[None]
+    return allowed
+
+
+def attention_probs(
+    q: Tensor, k: Tensor, token_type: Tensor, scale: float, causal: bool = True
+) -> Tensor:
+    """Masked softmax probabilities [B, H_q, Q, L]; rows with no allowed slot are all zero."""
+    group = q.shape[1] // k.shape[1]
+    k_rep = k.repeat_interleave(group, dim=1)
+    logits = scale * torch.einsum("bhqd,bhld->bhql", q, k_rep)
+    allowed = allowed_mask(token_type, q.shape[2], causal)[:, None]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0) * allowed
+
+
+def stats_from_probs(probs: Tensor, token_type: Tensor, num_types: int = 4) -> tuple[Tensor, Tensor]:
+    """(type_mass [B, H, T], token_score [B, L]) from probabilities [B, H, Q, L]."""
+    _, h, q_len, _ = probs.shape
+    valid = token_type >= 0
+    p = probs * valid[:, None, None, :]
+    onehot = torch.stack([token_type == t for t in range(num_types)], dim=-1).to(probs.dtype)
+    type_mass = torch.einsum("bhql,blt->bht", p, onehot) / q_len
+    token_score = p.sum(dim=(1, 2)) / (h * q_len)
+    return type_mass, token_score
+
+
+def attention_stats(
+    q: Tensor,
+    k: Tensor,
+    token_type: Tensor,
+    scale: float,
+    num_types: int = 4,
+    causal: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """FastV token score and per-head per-type attention mass, computed in q's dtype."""
+    probs = attention_probs(q, k, token_type, scale, causal)
+    return stats_from_probs(probs, token_type, num_types)
+
+
+def select_keep(
+    token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(keep_index int64 [B, L], new_length int64 [B]) following DESIGN.md's select_keep."""
+    b, l_len = token_type.shape
+    keep_index = torch.full((b, l_len), -1, dtype=torch.int64)
+    new_length = torch.zeros(b, dtype=torch.int64)
+    for i in range(b):
+        types = token_type[i].cpu()
+        scores = token_score[i].detach().cpu().double()
+        keep = (types >= 0) & (types != target_type)
+        target = torch.nonzero(types == target_type).flatten().tolist()
+        n_keep = min(int(keep_count[i]), len(target))
+        # Highest score first; on equal scores the lower slot index wins.
+        target.sort(key=lambda j: (-float(scores[j]), j))
+        keep[target[:n_keep]] = True
+        kept = torch.nonzero(keep).flatten()
+        keep_index[i, : kept.numel()] = kept
+        new_length[i] = kept.numel()
+    return keep_index.to(token_type.device), new_length.to(token_type.device)
+
+
+def compact(tensor: Tensor, keep_index: Tensor, new_length: Tensor) -> Tensor:
+    """Out of place: what compact_ leaves in slots [0, new_length[b]) of a [B, H, L, D] tensor.
+
+    Slots at and beyond new_length keep the input's old contents.
+    """
+    out = tensor.clone()
+    for i in range(tensor.shape[0]):
+        n = int(new_length[i])
+        out[i, :, :n] = tensor[i, :, keep_index[i, :n]]
+    return out
+
+
+def compact_token_type(token_type: Tensor, keep_index: Tensor, new_length: Tensor) -> Tensor:
+    """Out of place: token_type compacted like the cache, -1 at and beyond new_length."""
+    out = torch.full_like(token_type, -1)
+    for i in range(token_type.shape[0]):
+        n = int(new_length[i])
+        out[i, :n] = token_type[i, keep_index[i, :n]]
+    return out
+
+
+def keep_count_from_rate(token_type: Tensor, rate: float | Tensor, target_type: int = 1) -> Tensor:
+    """int64 [B]: n_b - floor(rate * n_b), n_b the number of target-type slots of sample b."""
+    n = (token_type == target_type).sum(dim=1)
+    rate_t = torch.as_tensor(rate, dtype=torch.float64, device=token_type.device)
+    return n - torch.floor(rate_t * n.double()).to(torch.int64)

@@ -1,0 +1,78 @@
+"""Builds dyrate_ext._C: CPU kernels always, CUDA kernels when torch has CUDA and nvcc exists.
+
+Knobs (environment): DYRATE_FORCE_CPU=1 builds CPU only; DYRATE_CUDA_ARCHS picks the GPU
+architectures (default "8.0;8.6;8.9;9.0", plus PTX of the last); DEBUG=1 builds with -O0 -g.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "tools"))
+from cuda_toolkit import arch_flags, find_cuda_home  # noqa: E402
+
+FORCE_CPU = os.environ.get("DYRATE_FORCE_CPU", "0") == "1"
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+
+# torch.utils.cpp_extension reads CUDA_HOME once, at import: point it at the real toolkit first.
+cuda_home = None if FORCE_CPU else find_cuda_home()
+if cuda_home is not None:
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def build_with_cuda() -> bool:
+    if FORCE_CPU:
+        return False
+    if torch.version.cuda is None:
+        print("dyrate_ext: this torch has no CUDA; building the CPU kernels only")
+        return False
+    if cuda_home is None:
+        print("dyrate_ext: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
+        return False
+    return True
+
+
+def extension():
+    with_cuda = build_with_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx = [*opt, "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if not with_cuda:
+        return CppExtension("dyrate_ext._C", sources, extra_compile_args={"cxx": cxx})
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    nvcc = [*opt, "--expt-relaxed-constexpr", "-Xcompiler=-Wall", "--threads=2"]
+    nvcc += arch_flags(os.environ.get("DYRATE_CUDA_ARCHS", "8.0;8.6;8.9;9.0"))
+    if DEBUG:
+        nvcc.append("-lineinfo")
+    print(f"dyrate_ext: building CUDA kernels with the toolkit in {cuda_home}")
+    return CUDAExtension(
+        "dyrate_ext._C",
+        sources,
+        define_macros=[("DYRATE_WITH_CUDA", None)],
+        extra_compile_args={"cxx": [*cxx, "-DDYRATE_WITH_CUDA"], "nvcc": nvcc},
+    )
+
+
+if shutil.which("ninja") is None:
+    print("dyrate_ext: ninja not found; the build will be slow (pip install ninja)")
+
+setup(
+    name="dyrate_ext",
+    version="0.1.0",
+    description="Dynamic visual-token pruning kernels for vision-language model decoding",
+    packages=find_packages(include=["dyrate_ext", "dyrate_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+)
