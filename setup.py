@@ -72,7 +72,9 @@ setup(
     description="Dynamic visual-token pruning kernels for vision-language model decoding",
     packages=find_packages(include=["dyrate_ext", "dyrate_ext.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={
+        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    },
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
 )

@@ -58,7 +58,9 @@ def attention_stats_from_probs(
     return _op("attention_stats_from_probs")(probs, token_type, num_types)
 
 
-def _as_counts(keep_count: int | Sequence[int] | Tensor, batch: int, device: torch.device) -> Tensor:
+def _as_counts(
+    keep_count: int | Sequence[int] | Tensor, batch: int, device: torch.device
+) -> Tensor:
     if isinstance(keep_count, Tensor):
         return keep_count
     if isinstance(keep_count, int):

@@ -135,7 +135,9 @@ def prune_kv(
 
     type_mass = None
     if query is not None:
-        type_mass, token_score = ops.attention_stats(query, key, token_type, scale, num_types, causal)
+        type_mass, token_score = ops.attention_stats(
+            query, key, token_type, scale, num_types, causal
+        )
     elif probs is not None:
         type_mass, token_score = ops.attention_stats_from_probs(probs, token_type, num_types)
     if rate is not None:
@@ -156,4 +158,6 @@ def prune_kv(
         length = int(new_length.max()) if new_length.numel() else 0
         out_layers = [_narrow(item, length) for item in layers]
         out_types = token_type[:, :length]
-    return PruneResult(out_layers, out_types, new_length, keep_index, token_score, type_mass, length)
+    return PruneResult(
+        out_layers, out_types, new_length, keep_index, token_score, type_mass, length
+    )

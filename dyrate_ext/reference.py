@@ -43,7 +43,9 @@ def attention_probs(
     return torch.nan_to_num(probs, nan=0.0) * allowed
 
 
-def stats_from_probs(probs: Tensor, token_type: Tensor, num_types: int = 4) -> tuple[Tensor, Tensor]:
+def stats_from_probs(
+    probs: Tensor, token_type: Tensor, num_types: int = 4
+) -> tuple[Tensor, Tensor]:
     """(type_mass [B, H, T], token_score [B, L]) from probabilities [B, H, Q, L]."""
     _, h, q_len, _ = probs.shape
     valid = token_type >= 0

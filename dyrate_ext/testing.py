@@ -63,7 +63,9 @@ def random_token_type(
     return types.masked_fill(empty, EMPTY).to(torch.int8)
 
 
-def randn(shape: tuple[int, ...], gen: torch.Generator, dtype=torch.float32, device="cpu") -> Tensor:
+def randn(
+    shape: tuple[int, ...], gen: torch.Generator, dtype=torch.float32, device="cpu"
+) -> Tensor:
     """Standard normal data drawn on the CPU (reproducible everywhere), then moved."""
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
 
@@ -78,11 +80,18 @@ def make_kv_cache(
 ) -> list[tuple[Tensor, Tensor]]:
     """`layers` (key, value) pairs, each [B, H_kv, L, D] of random data."""
     dims = (batch, shape.kv_heads, shape.length, shape.head_dim)
-    return [(randn(dims, gen, dtype, device), randn(dims, gen, dtype, device)) for _ in range(layers)]
+    return [
+        (randn(dims, gen, dtype, device), randn(dims, gen, dtype, device)) for _ in range(layers)
+    ]
 
 
 def make_query(
-    batch: int, shape: LlavaShape, gen: torch.Generator, q_len: int = 1, dtype=torch.float32, device="cpu"
+    batch: int,
+    shape: LlavaShape,
+    gen: torch.Generator,
+    q_len: int = 1,
+    dtype=torch.float32,
+    device="cpu",
 ) -> Tensor:
     """[B, H_q, Q, D] queries."""
     return randn((batch, shape.heads, q_len, shape.head_dim), gen, dtype, device)

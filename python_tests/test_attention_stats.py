@@ -8,7 +8,7 @@ from conftest import DTYPES, assert_close_to_reference
 
 import dyrate_ext
 from dyrate_ext import reference as ref
-from dyrate_ext.testing import llava_token_type, random_token_type, randn, LlavaShape
+from dyrate_ext.testing import LlavaShape, llava_token_type, randn, random_token_type
 
 # (B, H_q, H_kv, Q, L, D, causal): B=1, odd sizes, GQA, several query rows, Q == L.
 SHAPES = [
@@ -30,7 +30,11 @@ def run_case(shape, dtype, gen, p_empty=0.1):
     scale = d**-0.5
     mass, score = dyrate_ext.attention_stats(q, k, types, scale, causal=causal)
     mass64, score64 = ref.attention_stats(q.double(), k.double(), types, scale, causal=causal)
-    eager = ref.attention_stats(q, k, types, scale, causal=causal) if dtype != torch.float32 else (None, None)
+    eager = (
+        ref.attention_stats(q, k, types, scale, causal=causal)
+        if dtype != torch.float32
+        else (None, None)
+    )
     assert mass.dtype == torch.float32 and score.dtype == torch.float32
     assert mass.shape == (b, hq, 4) and score.shape == (b, length)
     assert_close_to_reference(mass, mass64, eager[0], dtype, "type_mass")

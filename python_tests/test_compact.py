@@ -7,7 +7,7 @@ import torch
 
 import dyrate_ext
 from dyrate_ext import reference as ref
-from dyrate_ext.testing import random_token_type, randn
+from dyrate_ext.testing import randn, random_token_type
 
 
 def random_plan(types, gen):
@@ -18,7 +18,9 @@ def random_plan(types, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("b,h,length,d", [(1, 1, 1, 1), (2, 3, 37, 7), (3, 4, 129, 128), (1, 2, 650, 80)])
+@pytest.mark.parametrize(
+    "b,h,length,d", [(1, 1, 1, 1), (2, 3, 37, 7), (3, 4, 129, 128), (1, 2, 650, 80)]
+)
 def test_matches_reference(b, h, length, d, dtype, gen):
     types = random_token_type(b, length, gen, p_empty=0.1)
     idx, n = random_plan(types, gen)
@@ -73,7 +75,7 @@ def test_token_type_compaction(gen):
     dyrate_ext.compact_token_type_(t, idx, n)
     assert torch.equal(t, expected)
     for b in range(3):
-        assert (t[b, n[b]:] == -1).all()
+        assert (t[b, n[b] :] == -1).all()
 
 
 def test_repeated_pruning_matches_composed_reference(gen):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dyrate_ext
-from dyrate_ext.testing import random_token_type, randn
+from dyrate_ext.testing import randn, random_token_type
 
 B, H, Q, L, D = 2, 4, 1, 12, 8
 
@@ -30,8 +30,14 @@ def args(gen):
         (lambda q, k, t: (q, k.half(), t), "k must have the dtype of q"),
         (lambda q, k, t: (q, k, t.long()), "token_type must be int8"),
         (lambda q, k, t: (q, k, t[:, :5]), r"token_type must have shape \[B, L\]"),
-        (lambda q, k, t: (q, k.transpose(2, 3).contiguous().transpose(2, 3), t), "k must be contiguous in its last dimension"),
-        (lambda q, k, t: (q, k, t.clone().fill_(4)), r"token_type\[0, 0\] = 4 is outside \[-1, num_types\)"),
+        (
+            lambda q, k, t: (q, k.transpose(2, 3).contiguous().transpose(2, 3), t),
+            "k must be contiguous in its last dimension",
+        ),
+        (
+            lambda q, k, t: (q, k, t.clone().fill_(4)),
+            r"token_type\[0, 0\] = 4 is outside \[-1, num_types\)",
+        ),
         (lambda q, k, t: (q.expand(B, H, L + 1, D), k, t), "query rows but k has only L"),
     ],
 )

@@ -7,7 +7,7 @@ import torch
 
 import dyrate_ext
 from dyrate_ext import _ext
-from dyrate_ext.testing import random_token_type, randn
+from dyrate_ext.testing import randn, random_token_type
 
 
 def op_samples(gen):

@@ -9,7 +9,9 @@ import dyrate_ext
 from dyrate_ext import reference as ref
 from dyrate_ext.testing import LlavaShape, llava_token_type, make_kv_cache, make_query
 
-SHAPE = LlavaShape(layers=3, heads=8, kv_heads=4, head_dim=16, system=5, image=64, instruction=7, response=4)
+SHAPE = LlavaShape(
+    layers=3, heads=8, kv_heads=4, head_dim=16, system=5, image=64, instruction=7, response=4
+)
 
 
 def setup_case(gen, batch=3, dtype=torch.float32):
@@ -22,7 +24,11 @@ def setup_case(gen, batch=3, dtype=torch.float32):
 def expected_after(types, cache, q, counts):
     _, score = ref.attention_stats(q.double(), cache[0][0].double(), types, SHAPE.head_dim**-0.5)
     idx, n = ref.select_keep(score.float(), types, counts)
-    return [(ref.compact(k, idx, n), ref.compact(v, idx, n)) for k, v in cache], ref.compact_token_type(types, idx, n), n
+    return (
+        [(ref.compact(k, idx, n), ref.compact(v, idx, n)) for k, v in cache],
+        ref.compact_token_type(types, idx, n),
+        n,
+    )
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3, [0.5, 0.1, 1.0], "tensor"])
@@ -30,7 +36,9 @@ def test_rate_forms(rate, gen):
     types, cache, q = setup_case(gen)
     if rate == "tensor":
         rate = torch.tensor([0.25, 0.75, 0.5])
-    counts = ref.keep_count_from_rate(types, rate if not isinstance(rate, list) else torch.tensor(rate))
+    counts = ref.keep_count_from_rate(
+        types, rate if not isinstance(rate, list) else torch.tensor(rate)
+    )
     exp_cache, exp_types, exp_n = expected_after(types, cache, q, counts)
     res = dyrate_ext.prune_kv(cache, types, query=q, key=cache[0][0].clone(), rate=rate)
     assert torch.equal(res.new_length, exp_n)
@@ -44,7 +52,9 @@ def test_rate_forms(rate, gen):
 
 def test_keep_count_and_no_narrow_views_share_storage(gen):
     types, cache, q = setup_case(gen, batch=2)
-    res = dyrate_ext.prune_kv(cache, types, query=q, key=cache[0][0].clone(), keep_count=[10, 0], narrow=False)
+    res = dyrate_ext.prune_kv(
+        cache, types, query=q, key=cache[0][0].clone(), keep_count=[10, 0], narrow=False
+    )
     assert res.length is None
     assert res.layers[0][0] is cache[0][0] and res.token_type is types
     image_left = ((types == 1).sum(1)).tolist()
@@ -60,7 +70,9 @@ def test_probs_and_token_score_sources(gen):
     res = dyrate_ext.prune_kv([flat[0], flat[1]], types.clone(), probs=probs, keep_count=[7, 9])
     assert torch.equal(res.new_length, n)
     assert torch.equal(res.layers[0], ref.compact(cache[1][0], idx, n)[:, :, : res.length])
-    res2 = dyrate_ext.prune_kv([cache[1][0].clone()], types.clone(), token_score=score.float(), keep_count=[7, 9])
+    res2 = dyrate_ext.prune_kv(
+        [cache[1][0].clone()], types.clone(), token_score=score.float(), keep_count=[7, 9]
+    )
     assert torch.equal(res2.keep_index, idx)
 
 
@@ -70,7 +82,9 @@ def test_half_cache(dtype, gen):
     before = [t.clone() for t in cache[2]]
     res = dyrate_ext.prune_kv([cache[2]], types, query=q, key=cache[0][0], rate=0.5)
     for out, old in zip(res.layers[0], before):
-        assert torch.equal(out, ref.compact(old, res.keep_index, res.new_length)[:, :, : res.length])
+        assert torch.equal(
+            out, ref.compact(old, res.keep_index, res.new_length)[:, :, : res.length]
+        )
 
 
 def test_bad_arguments_leave_everything_untouched(gen):

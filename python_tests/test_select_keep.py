@@ -46,7 +46,7 @@ def test_keep_zero_all_and_more(gen):
     idx, n = check(score, types, [0, 64, 10_000])
     non_image = ((types >= 0) & (types != IMAGE)).sum(1)
     assert n.tolist() == [non_image[0], non_image[1] + 64, non_image[2] + 64]
-    assert (idx[0, n[0]:] == -1).all()
+    assert (idx[0, n[0] :] == -1).all()
 
 
 def test_other_target_type_and_no_target(gen):

@@ -1,0 +1,65 @@
+# make test  - install what is missing into .venv, build every flavour, run the tests
+# make demo  - install, build, run a short CPU benchmark of prune_kv against eager PyTorch
+# make bench - the full CPU benchmark; writes bench/results/ and the README table
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
+
+.PHONY: test test-full demo bench build other-builds lint format clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The extension users get: CUDA kernels too when torch has CUDA and nvcc is found.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	mkdir -p build
+	$(VPY) -m pip install -v --no-build-isolation --no-deps -e . > build/build.log 2>&1 \
+		|| { tail -60 build/build.log; exit 1; }
+	grep -E "^dyrate_ext:" build/build.log || true
+	@! grep -E "csrc/[^ :]+:[0-9]+:[0-9]+: warning" build/build.log || \
+		{ echo "warnings from our sources (see build/build.log)"; exit 1; }
+	touch $@
+
+build: $(VENV)/.built
+
+# The CPU-only flavour and the CMake library, each tested in its own process.
+build-cpu/.built: $(VENV)/.deps $(SOURCES)
+	DYRATE_FORCE_CPU=1 $(VPY) setup.py -q build_ext --build-lib build-cpu/lib \
+		--build-temp build-cpu/tmp > build-cpu.log 2>&1 || { tail -40 build-cpu.log; exit 1; }
+	touch $@
+
+build-cmake/.built: $(VENV)/.deps $(SOURCES)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH PYTHON=$(CURDIR)/$(VPY) tools/cmake_build.sh build-cmake
+	touch $@
+
+other-builds: build-cpu/.built build-cmake/.built
+
+test: build other-builds
+	$(VPY) -m pytest python_tests
+
+test-full: build other-builds
+	$(VPY) -m pytest python_tests -m "slow or not slow"
+
+demo: build
+	$(VPY) bench/demo.py
+
+bench: build
+	mkdir -p bench/results
+	$(VPY) -m pytest bench/bench_cpu.py -p no:cacheprovider --benchmark-json=bench/results/cpu.json
+	$(VPY) bench/report.py bench/results/cpu.json --readme README.md
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff format dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/ruff check --fix dyrate_ext python_tests bench tools setup.py
+
+clean:
+	rm -rf build build-cpu build-cmake build-cpu.log dyrate_ext/_C*.so $(VENV)/.built
