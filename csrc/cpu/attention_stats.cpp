@@ -9,9 +9,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -21,15 +26,67 @@ namespace dyrate {
 namespace {
 
 // Eight independent partial sums let the compiler vectorise without reassociating a chain.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+float dot_generic(const float* q, const T* k, int64_t n) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] += a[d + u] * b[d + u];
+    for (int u = 0; u < 8; ++u) acc[u] += q[d + u] * static_cast<float>(k[d + u]);
   }
   float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
+  for (; d < n; ++d) tail += q[d] * static_cast<float>(k[d]);
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX2/FMA/F16C versions chosen at run time, so the extension still loads on any x86-64 CPU.
+#define DYRATE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DYRATE_AVX2 inline __m256 load8(const float* k) { return _mm256_loadu_ps(k); }
+DYRATE_AVX2 inline __m256 load8(const c10::Half* k) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k)));
+}
+DYRATE_AVX2 inline __m256 load8(const c10::BFloat16* k) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+template <typename T>
+DYRATE_AVX2 float dot_avx2(const float* q, const T* k, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k + d + 8), a1);
+  }
+  for (; d + 8 <= n; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
+  const __m256 a = _mm256_add_ps(a0, a1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  float sum = _mm_cvtss_f32(h);
+  for (; d < n; ++d) sum += q[d] * static_cast<float>(k[d]);
+  return sum;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
+template <typename T>
+using DotFn = float (*)(const float*, const T*, int64_t);
+
+template <typename T>
+DotFn<T> pick_dot() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu_has_avx2()) return &dot_avx2<T>;
+  }
+#endif
+  return &dot_generic<T>;
 }
 
 template <typename T>
@@ -63,6 +120,8 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int8_t* tp = token_type.const_data_ptr<int8_t>();
   const int64_t G = d.Hq / d.Hkv, R = G * d.Q, L = d.L, D = d.D, Q = d.Q;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const DotFn<T> dot_k = pick_dot<T>();
+  const DotFn<float> dot_f = pick_dot<float>();
 
   at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(R * D), kf(D), logits(R * L);
@@ -81,11 +140,17 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       }
       for (int64_t j = 0; j < L; ++j) {
         const bool valid = types[j * tstride] >= 0;
-        if (valid) load_row(kp + b * k.stride(0) + hkv * k.stride(1) + j * k.stride(2), kf.data(), D);
+        const T* krow = kp + b * k.stride(0) + hkv * k.stride(1) + j * k.stride(2);
+        // A key row read by one query row is used in place; one shared by several is widened
+        // to float once.
+        if (valid && R > 1) load_row(krow, kf.data(), D);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t i = r % Q;
           const bool allowed = valid && (!causal || j <= L - Q + i);
-          logits[r * L + j] = allowed ? scale * dot(qf.data() + r * D, kf.data(), D) : neg_inf;
+          float logit = neg_inf;
+          if (allowed) logit = scale * (R > 1 ? dot_f(qf.data() + r * D, kf.data(), D)
+                                              : dot_k(qf.data() + r * D, krow, D));
+          logits[r * L + j] = logit;
         }
       }
       for (int64_t g = 0; g < G; ++g) {
