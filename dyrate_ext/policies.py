@@ -1,0 +1,246 @@
+"""Pruning policies for the reference LLaVA decoding loop (`dyrate_ext.llava`).
+
+A policy answers one question at each step of generation: how many image tokens should the
+layers >= k keep? Step 0 is the prefill (the statistics come from the last prompt token);
+step t >= 1 feeds generated token t-1 (the statistics come from that token). The loop
+computes the statistics of the scoring layer `k - 1` with `dyrate_ext.attention_stats` over
+that layer's full cache (layers < k are never pruned) and hands them over as `StepStats`;
+the policy returns a `Decision` (a keep count and a rate per sample) or None for "no change".
+The loop clamps every keep count to what the layers >= k still hold, so the number of kept
+image tokens never grows, then removes the lowest-scored image tokens (FastV's rule: the
+mean attention they receive from the current query over heads) from layers >= k.
+
+Policies here:
+    NoPrune()                   nothing removed (optionally records type mass at a layer)
+    FastV(k, r)                 floor(r * n) image tokens removed at prefill, from layer k on
+    VTW(k)                      every image token removed at prefill, from layer k on
+    DyRate(predictor, k, K)     a RatePredictor picks a rate j / K at every step
+    AttentionMass(p, k)         keep the fewest image tokens covering a fraction p of the
+                                image attention mass, at every step
+
+Subclass `Policy` for more; only `decide` is required.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .predictor import RatePredictor
+
+IMAGE = 1
+
+
+@dataclass
+class StepStats:
+    """What a policy sees at one step.
+
+    Attributes:
+        step: 0 for the prefill, t >= 1 for the step that feeds generated token t-1.
+        type_mass: float32 [B, H_q, 4], the current token's attention mass per head and type at
+            the scoring layer (averaged over nothing else: one query row per sample).
+        token_score: float32 [B, L], the attention each slot of the scoring layer's cache
+            receives from the current token, averaged over heads (0 at empty slots).
+        token_type: int8 [B, L], the scoring layer's (full, unpruned) cache layout.
+        num_image: int64 [B], image tokens in each prompt.
+        kept: int64 [B], image tokens the layers >= k hold before this step's decision
+            (num_image at the prefill).
+    """
+
+    step: int
+    type_mass: Tensor
+    token_score: Tensor
+    token_type: Tensor
+    num_image: Tensor
+    kept: Tensor
+
+
+@dataclass
+class Decision:
+    """A policy's answer: keep_count int64 [B] image tokens and the rate float32 [B] behind it.
+
+    The loop keeps min(keep_count, kept) per sample; `rate` is only recorded in the trace.
+    """
+
+    keep_count: Tensor
+    rate: Tensor
+
+
+def keep_from_rate(num_image: Tensor, rate: float | Tensor) -> Tensor:
+    """int64 [B]: n - floor(rate * n) for n = num_image (DESIGN.md's rate -> keep count)."""
+    r = torch.as_tensor(rate, dtype=torch.float64, device=num_image.device)
+    return num_image - torch.floor(r * num_image.to(torch.float64)).to(torch.int64)
+
+
+class Policy:
+    """Base class. `layer` is k, the first pruned layer; None means nothing is pruned.
+
+    The scoring layer is `stats_layer` (k - 1 by default); the loop computes its statistics at
+    every step and records them in the trace.
+    """
+
+    layer: int | None = None
+
+    @property
+    def stats_layer(self) -> int | None:
+        """The layer whose attention statistics the policy sees, or None for none."""
+        return None if self.layer is None else self.layer - 1
+
+    def validate(self, num_layers: int, num_heads: int) -> None:
+        """Raise ValueError when the policy does not fit a decoder of this size."""
+        if self.layer is None:
+            return
+        if not 1 <= self.layer < num_layers:
+            raise ValueError(
+                f"{type(self).__name__}: k = {self.layer} is out of range; the first pruned "
+                f"layer must be in [1, {num_layers - 1}] for a decoder of {num_layers} layers "
+                "(layer k - 1 scores the tokens, layers k.. lose them)"
+            )
+        stats = self.stats_layer
+        if stats is None or not 0 <= stats < self.layer:
+            raise ValueError(
+                f"{type(self).__name__}: the scoring layer ({stats}) must be an unpruned layer, "
+                f"in [0, k - 1] = [0, {self.layer - 1}]"
+            )
+
+    def reset(self) -> None:
+        """Called once at the start of each generation (stateful policies clear state here)."""
+
+    def decide(self, stats: StepStats) -> Decision | None:
+        """The keep count for this step, or None to keep what the layers >= k hold."""
+        raise NotImplementedError
+
+
+class NoPrune(Policy):
+    """Keep every token. With `stats_layer` set, the trace records that layer's type mass
+    at every step (e.g. to collect training data for a RatePredictor)."""
+
+    def __init__(self, stats_layer: int | None = None) -> None:
+        self._stats_layer = stats_layer
+
+    @property
+    def stats_layer(self) -> int | None:
+        return self._stats_layer
+
+    def validate(self, num_layers: int, num_heads: int) -> None:
+        if self._stats_layer is not None and not 0 <= self._stats_layer < num_layers:
+            raise ValueError(
+                f"NoPrune: stats_layer = {self._stats_layer} is out of range [0, {num_layers - 1}]"
+            )
+
+    def decide(self, stats: StepStats) -> Decision | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"NoPrune(stats_layer={self._stats_layer})"
+
+
+class FastV(Policy):
+    """FastV: at prefill, rank image tokens with layer k-1's attention from the last prompt
+    token and remove the lowest floor(r * n) of them from layer k on. Nothing changes later.
+    """
+
+    def __init__(self, k: int, r: float) -> None:
+        if not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"FastV: r must be in [0, 1], got {r}")
+        self.layer = int(k)
+        self.r = float(r)
+
+    def decide(self, stats: StepStats) -> Decision | None:
+        if stats.step > 0:
+            return None
+        rate = torch.full_like(stats.num_image, self.r, dtype=torch.float32)
+        return Decision(keep_from_rate(stats.num_image, self.r), rate)
+
+    def __repr__(self) -> str:
+        return f"FastV(k={self.layer}, r={self.r})"
+
+
+class VTW(Policy):
+    """Visual-token withdrawal: every image token is removed from layer k on (at prefill)."""
+
+    def __init__(self, k: int) -> None:
+        self.layer = int(k)
+
+    def decide(self, stats: StepStats) -> Decision | None:
+        if stats.step > 0:
+            return None
+        return Decision(
+            torch.zeros_like(stats.num_image), torch.ones_like(stats.num_image, dtype=torch.float32)
+        )
+
+    def __repr__(self) -> str:
+        return f"VTW(k={self.layer})"
+
+
+class DyRate(Policy):
+    """DyRate: at every step the predictor maps the type mass to a class j, rate j / K; the
+    keep count n - floor(j * n / K) (n the prompt's image tokens) never grows.
+
+    Args:
+        predictor: a RatePredictor with num_heads equal to the model's attention heads.
+        k: first pruned layer; layer k - 1 is the scoring layer.
+        num_rates: K; defaults to predictor.num_rates and must match it when given.
+    """
+
+    def __init__(self, predictor: RatePredictor, k: int, num_rates: int | None = None) -> None:
+        if not isinstance(predictor, RatePredictor):
+            raise TypeError(
+                f"DyRate: predictor must be a RatePredictor, got {type(predictor).__name__}"
+            )
+        if num_rates is not None and int(num_rates) != predictor.num_rates:
+            raise ValueError(
+                f"DyRate: num_rates = {num_rates} but the predictor has {predictor.num_rates} classes"
+            )
+        self.predictor = predictor
+        self.layer = int(k)
+        self.num_rates = predictor.num_rates
+
+    def validate(self, num_layers: int, num_heads: int) -> None:
+        super().validate(num_layers, num_heads)
+        p = self.predictor
+        if p.num_heads != num_heads or p.num_types != 4:
+            raise ValueError(
+                f"DyRate: the predictor takes {p.in_features} inputs ({p.num_heads} heads x "
+                f"{p.num_types} types) but the model's scoring layer gives {num_heads} heads x 4 "
+                f"= {num_heads * 4}"
+            )
+
+    def decide(self, stats: StepStats) -> Decision | None:
+        cls = self.predictor.predict(stats.type_mass).to(stats.num_image.device)
+        removed = torch.div(cls * stats.num_image, self.num_rates, rounding_mode="floor")
+        rate = cls.to(torch.float32) / self.num_rates
+        return Decision(stats.num_image - removed, rate)
+
+    def __repr__(self) -> str:
+        return f"DyRate(k={self.layer}, num_rates={self.num_rates})"
+
+
+class AttentionMass(Policy):
+    """Training-free adaptive rate: at every step keep the fewest image tokens whose scores
+    (attention received from the current token at layer k - 1) cover a fraction p of the
+    attention mass on all of the prompt's image tokens. The count never grows.
+    """
+
+    def __init__(self, p: float, k: int = 2) -> None:
+        if not 0.0 < float(p) <= 1.0:
+            raise ValueError(f"AttentionMass: p must be in (0, 1], got {p}")
+        self.p = float(p)
+        self.layer = int(k)
+
+    def decide(self, stats: StepStats) -> Decision | None:
+        scores = torch.where(stats.token_type == IMAGE, stats.token_score, 0.0)
+        ordered = scores.sort(dim=1, descending=True).values.to(torch.float64)
+        cum = ordered.cumsum(dim=1)
+        total = cum[:, -1:]
+        # The fewest c with cum[c-1] >= p * total: count the prefixes still short of it, plus 1.
+        short = (cum < self.p * total).sum(dim=1)
+        keep = torch.minimum(short + 1, stats.num_image)
+        keep = torch.where(total[:, 0] > 0, keep, stats.num_image)
+        rate = 1.0 - keep.to(torch.float32) / stats.num_image.clamp(min=1).to(torch.float32)
+        return Decision(keep, rate)
+
+    def __repr__(self) -> str:
+        return f"AttentionMass(p={self.p}, k={self.layer})"

@@ -1,0 +1,197 @@
+"""Tiny LLaVA models built offline from configs, prompts, and a masked reference decoder.
+
+Models: CLIP vision (32x32 images, 4x4 patches: a grid of 64 image tokens) + a 4-layer Llama
+(hidden 64, 4 heads; `kv_heads=2` gives grouped-query attention), random weights from a fixed
+seed. The text weights are re-drawn larger than HF's default init (q/k std 0.1) so attention
+is peaked: image-token scores then differ clearly, keep decisions do not hinge on rounding,
+and adaptive policies pick different keep counts for different samples.
+
+The reference (`masked_reference`) is HF's own forward of the whole generated sequence,
+every slot kept, with a per-layer 4D mask: in layers >= k a query row of step t cannot see
+the image slots removed at steps <= t (it always sees itself). Its logits must equal those of
+the physically pruned loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 199
+VOCAB = 200
+NUM_LAYERS = 4
+NUM_HEADS = 4
+GRID = 64  # image tokens per image
+
+
+def tiny_llava(
+    kv_heads: int = NUM_HEADS,
+    attn: str = "eager",
+    seed: int = 0,
+    image_size: int = 32,
+    num_layers: int = NUM_LAYERS,
+) -> LlavaForConditionalGeneration:
+    """A float32 LlavaForConditionalGeneration in eval mode, deterministic for a seed.
+
+    The image grid is (image_size / 4)^2 tokens: 64 by default, 576 (LLaVA-1.5's) for 96.
+    """
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=4,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=kv_heads,
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
+                std = 0.1 if ("q_proj" in name or "k_proj" in name) else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class Prompts:
+    input_ids: Tensor  # int64 [B, S], left padded
+    attention_mask: Tensor  # int64 [B, S]
+    pixel_values: Tensor  # float32 [B, 3, 32, 32]
+
+    def sample(self, b: int) -> Prompts:
+        """Sample b alone, its padding removed."""
+        keep = self.attention_mask[b].bool()
+        return Prompts(
+            self.input_ids[b, keep][None],
+            self.attention_mask[b, keep][None],
+            self.pixel_values[b : b + 1],
+        )
+
+
+def prompts(
+    batch: int,
+    seed: int = 0,
+    system: tuple[int, ...] = (3, 5, 4),
+    instruction: tuple[int, ...] = (6, 9, 3),
+    image_size: int = 32,
+) -> Prompts:
+    """`batch` prompts "system text, image tokens, instruction text" of different lengths,
+    left padded, each with its own random image of image_size^2 pixels (4x4 patches)."""
+    grid = (image_size // 4) ** 2
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        sys_ids = torch.randint(3, IMAGE_TOKEN - 1, (system[b % len(system)],), generator=gen)
+        ins_ids = torch.randint(
+            3, IMAGE_TOKEN - 1, (instruction[b % len(instruction)],), generator=gen
+        )
+        rows.append(torch.cat([sys_ids, torch.full((grid,), IMAGE_TOKEN), ins_ids]))
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(batch, length, dtype=torch.int64)
+    mask = torch.zeros(batch, length, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r) :] = r
+        mask[b, length - len(r) :] = 1
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=gen)
+    return Prompts(ids, mask, pixels)
+
+
+@dataclass
+class Reference:
+    logits: Tensor  # float32 [T, B, V]: each step's next-token logits
+    keys: list[Tensor]  # per layer [B, H_kv, N, D] rotated keys of every fed slot
+    values: list[Tensor]
+    attentions: list[Tensor] | None  # per layer [B, H, N, N] (eager models only)
+    token_type: Tensor  # int8 [B, N] of the fed sequence
+    step_of_row: Tensor  # int64 [N]: the step that fed each row
+
+
+def masked_reference(
+    model: LlavaForConditionalGeneration, p: Prompts, out, k: int | None
+) -> Reference:
+    """HF forward of prompt + generated tokens with removed image slots masked in layers >= k.
+
+    `out` is a dyrate_ext.llava.GenerateOutput; its trace.removed_step says what was removed
+    when. Positions are HF generate's: cumsum(attention_mask) - 1.
+    """
+    seq = out.sequences
+    batch, prompt_len = p.input_ids.shape
+    steps = seq.shape[1] - prompt_len
+    fed = seq[:, : prompt_len + steps - 1]
+    n = fed.shape[1]
+    mask2d = torch.cat([p.attention_mask, torch.ones(batch, steps - 1, dtype=torch.int64)], dim=1)
+    positions = (mask2d.cumsum(1) - 1).clamp(min=0)
+    step_of_row = torch.cat([torch.zeros(prompt_len, dtype=torch.int64), torch.arange(1, steps)])
+
+    rows = torch.arange(n)[:, None]
+    cols = torch.arange(n)[None, :]
+    diag = (rows == cols)[None]
+    base = (mask2d.bool()[:, None, :] & (cols <= rows)[None]) | diag  # [B, N, N]
+    removed = torch.cat(
+        [out.trace.removed_step, torch.full((batch, steps - 1), -1, dtype=torch.int64)], dim=1
+    )  # [B, N]
+    gone = (removed[:, None, :] >= 0) & (removed[:, None, :] <= step_of_row[None, :, None])
+    late = (base & ~gone) | diag
+
+    def additive(allowed: Tensor) -> Tensor:
+        m = torch.zeros(allowed.shape, dtype=torch.float32)
+        return m.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+    base_mask, late_mask = additive(base), additive(late)
+    hooks = []
+    if k is not None:
+        for layer in model.model.language_model.layers[k:]:
+
+            def swap(module, args, kwargs):
+                kwargs["attention_mask"] = late_mask
+                return args, kwargs
+
+            hooks.append(layer.register_forward_pre_hook(swap, with_kwargs=True))
+    eager = model.config.text_config._attn_implementation == "eager"
+    try:
+        with torch.no_grad():
+            res = model(
+                input_ids=fed,
+                pixel_values=p.pixel_values,
+                attention_mask=base_mask,
+                position_ids=positions,
+                use_cache=True,
+                output_attentions=eager,
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    rows_of_step = torch.arange(steps) + prompt_len - 1
+    logits = res.logits[:, rows_of_step].transpose(0, 1).float()
+    cache = res.past_key_values
+    types = torch.cat(
+        [out.trace.token_type, torch.full((batch, steps - 1), 3, dtype=torch.int8)], dim=1
+    )
+    return Reference(
+        logits=logits,
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        attentions=list(res.attentions) if eager else None,
+        token_type=types,
+        step_of_row=step_of_row,
+    )
