@@ -77,4 +77,5 @@ setup(
     },
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    extras_require={"llava": ["transformers>=5,<6", "safetensors"]},
 )
