@@ -70,7 +70,8 @@ def _as_counts(
     counts = list(keep_count)
     if any(int(c) < 0 for c in counts):
         raise ValueError(f"keep_count must be >= 0, got {counts}")
-    return torch.tensor(counts, dtype=torch.int64, device=device)
+    # Non-blocking: a blocking copy to a GPU would wait for the whole stream.
+    return torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def select_keep(

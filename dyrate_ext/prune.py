@@ -63,7 +63,12 @@ def keep_count_from_rate(
             raise ValueError(
                 f"rate must be a scalar or have B = {token_type.shape[0]} entries, got {len(values)}"
             )
-        r = torch.tensor(values, dtype=torch.float64, device=token_type.device)
+        if len(values) == 1:
+            # A fill kernel: no host-to-device copy, so no sync and capturable in a CUDA graph.
+            r = torch.full((), values[0], dtype=torch.float64, device=token_type.device)
+        else:
+            # Non-blocking: a blocking copy to a GPU would wait for the whole stream.
+            r = torch.tensor(values, dtype=torch.float64).to(token_type.device, non_blocking=True)
     return n - torch.floor(r * n.to(torch.float64)).to(torch.int64)
 
 

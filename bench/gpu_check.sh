@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check in one command, from the repository root of a machine with a CUDA device, torch
+# (CUDA build), nvcc, pytest and compute-sanitizer:
+#     bash bench/gpu_check.sh
+# 1. builds the extension for sm_90 only (DYRATE_CUDA_ARCHS, default 9.0, to build quickly);
+# 2. runs the CUDA tests (python_tests/test_cuda_registration.py, test_cuda_ops.py);
+# 3. runs bench/sanitize_case.py under compute-sanitizer memcheck and racecheck;
+# 4. runs the GPU benchmark, which writes bench/results/gpu-<device>-<date>.{json,md}.
+# Environment: PYTHON (default python), COMPUTE_SANITIZER (default compute-sanitizer),
+# DYRATE_CUDA_ARCHS, MAX_JOBS; SKIP_BENCH=1 stops after the sanitizers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+SANITIZER=${COMPUTE_SANITIZER:-compute-sanitizer}
+export DYRATE_CUDA_ARCHS=${DYRATE_CUDA_ARCHS:-9.0}
+export MAX_JOBS=${MAX_JOBS:-8}
+
+echo "== build (DYRATE_CUDA_ARCHS=$DYRATE_CUDA_ARCHS)"
+mkdir -p build
+if ! "$PY" -m pip install -v --no-build-isolation --no-deps -e . > build/gpu_check_build.log 2>&1; then
+  tail -60 build/gpu_check_build.log
+  exit 1
+fi
+if grep -E "csrc/[^ :]+:[0-9]+:[0-9]+: warning" build/gpu_check_build.log; then
+  echo "warnings from our sources (see build/gpu_check_build.log)"
+  exit 1
+fi
+"$PY" - <<'PY'
+import torch
+import dyrate_ext
+assert torch.cuda.is_available(), "no CUDA device visible"
+missing = [op for op in dyrate_ext._ext.OP_NAMES if not dyrate_ext.has_kernel(op, "CUDA")]
+assert not missing, f"no CUDA kernel for {missing}"
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+PY
+
+echo "== CUDA tests"
+DYRATE_EXPECT_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider \
+  python_tests/test_cuda_registration.py python_tests/test_cuda_ops.py
+
+echo "== compute-sanitizer"
+for tool in memcheck racecheck; do
+  echo "-- $tool"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+    "$PY" bench/sanitize_case.py
+done
+
+if [ "${SKIP_BENCH:-0}" = "1" ]; then
+  exit 0
+fi
+echo "== benchmark"
+"$PY" bench/bench_gpu.py

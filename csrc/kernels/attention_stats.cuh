@@ -1,0 +1,449 @@
+// CUDA kernels of attention_stats and attention_stats_from_probs (torch-free).
+//
+// attention_stats never forms the [B, H_q, Q, L] probability matrix. The key sequence is cut
+// into C chunks (flash-decoding style) so that B = 1 still fills the device:
+//   pass 1  qk_kernel<kScores = false>, one block per (chunk, kv head, sample): for the G * Q
+//           query rows of the kv head (grouped-query attention reads each key once for all of
+//           its query heads) the softmax partials (max, sum of exp) of every row over the chunk.
+//           When Q <= kStatsMaxStoredRows it also keeps the logits (then [B, H_q, Q, L] is at
+//           most 8 B H_q L floats).
+//   pass 2  head_score[b, h, j] = sum_i p[b, h, i, j], each row normalised with its C partials
+//           merged in chunk order: from the kept logits (logits_head_scores_kernel, one thread
+//           per (b, h, j)), or for larger Q by recomputing q.k (qk_kernel<kScores = true>, the
+//           same grid as pass 1).
+//   pass 3  finalize_stats_kernel: token_score = head_score summed over heads (in head order),
+//           type_mass = head_score summed by slot type. Summing head_score by type equals
+//           summing the probabilities by row then type: head_score already sums the rows.
+// Scratch: partials [B, H_q, Q, C] (C limited so that Q * C <= 4 L when logits are not kept),
+// logits when Q is small, head_score [B, H_q, L]. Every output element is written by exactly
+// one thread and every sum runs in a fixed order, so results are bitwise reproducible run to
+// run; there are no atomics.
+#pragma once
+
+#include <climits>
+
+#include "common.cuh"
+#include "dyrate_kernels.h"
+
+namespace dyrate {
+namespace kernels {
+namespace detail {
+
+// acc + <q[0:V], k[0:V]>; q is 16-byte aligned shared memory when V is a multiple of 4.
+template <int V>
+__device__ __forceinline__ float dot_acc(const float* q, const float (&k)[V], float acc) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+      const float4 qv = *reinterpret_cast<const float4*>(q + e);
+      acc = fmaf(qv.x, k[e], acc);
+      acc = fmaf(qv.y, k[e + 1], acc);
+      acc = fmaf(qv.z, k[e + 2], acc);
+      acc = fmaf(qv.w, k[e + 3], acc);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc = fmaf(q[e], k[e], acc);
+  }
+  return acc;
+}
+
+// Passes 1 (kScores = false) and 2-with-recompute (kScores = true). Block = (chunk c, kv head,
+// sample). Threads form groups of plan.lanes that share one key row: each lane loads V-element
+// vectors of it and the group reduces its dot products with warp shuffles. The query rows of
+// the group (row r = g * Q + i is query head hkv * G + g, row i) go through shared memory in
+// tiles of rows_per_tile rows.
+template <typename T, int V, bool kScores>
+__global__ void __launch_bounds__(kStatsThreads, 4)
+    qk_kernel(const QKArgs<T> a, const StatsPlan plan,
+              float* __restrict__ part_max,    // [B, H_q, Q, C]: written (pass 1) / read (pass 2)
+              float* __restrict__ part_sum,    // [B, H_q, Q, C]
+              float* __restrict__ logits,      // [B, H_q, Q, L] or nullptr (pass 1 only)
+              float* __restrict__ head_score)  // [B, H_q, L] (pass 2 only)
+{
+  constexpr int RT = kStatsRowTile;
+  constexpr int kWarps = kStatsThreads / 32;
+  extern __shared__ float4 dyn_smem[];
+  float* q_tile = reinterpret_cast<float*>(dyn_smem);  // [rows_per_tile, D]
+  __shared__ float warp_max[kWarps][RT];
+  __shared__ float warp_sum[kWarps][RT];
+  __shared__ float tile_max[RT];
+  __shared__ float tile_inv[RT];
+
+  const int C = plan.chunks;
+  const int c = static_cast<int>(blockIdx.x % C);
+  const int bh = static_cast<int>(blockIdx.x / C);
+  const int hkv = bh % a.Hkv, b = bh / a.Hkv;
+  const int Q = a.Q, L = a.L, D = a.D, Hq = a.Hq;
+  const int G = Hq / a.Hkv, R = G * Q;
+  const int j_begin = c * plan.chunk_len;
+  const int j_end = min(L, j_begin + plan.chunk_len);
+  const int S = plan.lanes, groups = kStatsThreads / S;
+  const int group = threadIdx.x / S, sub = threadIdx.x % S;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // The trip count is the same for every thread: all lanes reach every shuffle.
+  const int rounds = (j_end - j_begin + groups - 1) / groups;
+  const int nvec = (D + V - 1) / V;
+  const T* k_base = a.k + b * a.k_stride_b + hkv * a.k_stride_h;
+  const int8_t* types = a.token_type + b * a.tt_stride_b;
+  const int64_t row_base = static_cast<int64_t>(b * Hq + hkv * G) * Q;
+
+  for (int r0 = 0; r0 < R; r0 += plan.rows_per_tile) {
+    const int rn = min(plan.rows_per_tile, R - r0);
+    __syncthreads();  // readers of the previous tile's shared memory are done
+    for (int idx = threadIdx.x; idx < rn * D; idx += kStatsThreads) {
+      const int r = idx / D, d = idx - r * D;
+      const int row = r0 + r, g = row / Q, i = row - g * Q;
+      const T* src = a.q + b * a.q_stride_b + static_cast<int64_t>(hkv * G + g) * a.q_stride_h +
+                     static_cast<int64_t>(i) * a.q_stride_q;
+      q_tile[idx] = to_float(src[d]);
+    }
+    if (kScores && static_cast<int>(threadIdx.x) < rn) {
+      // Merge the row's C chunk partials in chunk order; every block merging this row gets
+      // the same bits.
+      const float* pm = part_max + (row_base + r0 + threadIdx.x) * C;
+      const float* ps = part_sum + (row_base + r0 + threadIdx.x) * C;
+      float m = -INFINITY, s = 0.f;
+      for (int cc = 0; cc < C; ++cc) softmax_merge(m, s, pm[cc], ps[cc]);
+      tile_max[threadIdx.x] = m;
+      tile_inv[threadIdx.x] = m == -INFINITY ? 0.f : 1.f / s;
+    }
+    __syncthreads();
+
+    // Per-row constants of the tile. Row r0 + r of this kv head is row (b * H_q + hkv * G) * Q
+    // + r0 + r of [B, H_q, Q, *], so only the query index i needs a division.
+    int row_i[RT];
+    float st_a[RT], st_b[RT];  // pass 1: running (max, sum); pass 2: (max, 1 / sum)
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      row_i[r] = min(r0 + r, R - 1) % Q;
+      if constexpr (kScores) {
+        st_a[r] = r < rn ? tile_max[r] : -INFINITY;
+        st_b[r] = r < rn ? tile_inv[r] : 0.f;
+      } else {
+        st_a[r] = -INFINITY;
+        st_b[r] = 0.f;
+      }
+    }
+    // Slots past L - Q + i_last are masked for every row of the tile: skip their loads.
+    const int i_first = r0 % Q;
+    const int i_last = i_first + rn - 1 < Q ? i_first + rn - 1 : Q - 1;
+    const int j_any = a.causal ? L - Q + i_last : L - 1;
+
+    for (int round = 0; round < rounds; ++round) {
+      const int j = j_begin + round * groups + group;
+      const bool in_range = j < j_end;
+      const int t =
+          in_range ? static_cast<int>(types[static_cast<int64_t>(j) * a.tt_stride_l]) : -1;
+      const bool valid = t >= 0 && t < a.num_types;
+      float acc[RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[r] = 0.f;
+      if (valid && j <= j_any) {
+        const T* krow = k_base + static_cast<int64_t>(j) * a.k_stride_l;
+        for (int v = sub; v < nvec; v += S) {
+          float kf[V];
+          VecLoad<T, V>::run(krow + v * V, kf);
+#pragma unroll
+          for (int r = 0; r < RT; ++r) {
+            if (r < rn) acc[r] = dot_acc<V>(q_tile + r * D + v * V, kf, acc[r]);
+          }
+        }
+      }
+      // Pass 2: one thread owns slot j for the whole block and adds the rows of each head in
+      // row order, as a run of rows per head, tile after tile.
+      const bool owner = in_range && sub == 0;
+      int run_h = hkv * G + r0 / Q;
+      float run = 0.f;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        if (r < rn) {  // uniform over the block
+          float x = acc[r];
+          for (int off = S >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+          const bool allowed = valid && (!a.causal || j <= L - Q + row_i[r]);
+          const float logit = allowed ? a.scale * x : -INFINITY;
+          if constexpr (kScores) {
+            const float p = logit == -INFINITY ? 0.f : expf(logit - st_a[r]) * st_b[r];
+            if (r > 0 && row_i[r] == 0) {  // the rows of the next head start
+              if (owner) head_score[static_cast<int64_t>(b * Hq + run_h) * L + j] += run;
+              ++run_h;
+              run = 0.f;
+            }
+            run += p;
+          } else {
+            if (logit > st_a[r]) {
+              st_b[r] = st_b[r] * expf(st_a[r] - logit) + 1.f;
+              st_a[r] = logit;
+            } else if (logit != -INFINITY) {
+              st_b[r] += expf(logit - st_a[r]);
+            }
+            if (logits != nullptr && owner) {
+              logits[(row_base + r0 + r) * L + j] = logit;
+            }
+          }
+        }
+      }
+      if (kScores && owner) head_score[static_cast<int64_t>(b * Hq + run_h) * L + j] += run;
+    }
+
+    if constexpr (!kScores) {
+      // Chunk partial of each row: merge over the groups of a warp (butterfly), then over the
+      // warps in warp order.
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        if (r < rn) {
+          float m = st_a[r], s = st_b[r];
+          for (int off = S; off < 32; off <<= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+            const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+            softmax_merge(m, s, m2, s2);
+          }
+          if (lane == 0) {
+            warp_max[warp][r] = m;
+            warp_sum[warp][r] = s;
+          }
+        }
+      }
+      __syncthreads();
+      if (static_cast<int>(threadIdx.x) < rn) {
+        const int r = threadIdx.x;
+        float m = -INFINITY, s = 0.f;
+        for (int w = 0; w < kWarps; ++w) softmax_merge(m, s, warp_max[w][r], warp_sum[w][r]);
+        const int64_t at = (row_base + r0 + r) * C + c;
+        part_max[at] = m;
+        part_sum[at] = s;
+      }
+    }
+  }
+}
+
+// Pass 2 from kept logits. Block = (256-slot tile, b * H_q + h), one thread per slot.
+__global__ void __launch_bounds__(256)
+    logits_head_scores_kernel(const float* __restrict__ logits,    // [B, H_q, Q, L]
+                              const float* __restrict__ part_max,  // [B, H_q, Q, C]
+                              const float* __restrict__ part_sum,  // [B, H_q, Q, C]
+                              float* __restrict__ head_score,      // [B, H_q, L]
+                              int Q, int L, int C) {
+  __shared__ float row_max[kStatsMaxStoredRows];
+  __shared__ float row_inv[kStatsMaxStoredRows];
+  const int tiles = (L + 255) / 256;
+  const int tile = static_cast<int>(blockIdx.x % tiles);
+  const int64_t bh = blockIdx.x / tiles;
+  if (static_cast<int>(threadIdx.x) < Q) {
+    const int64_t at = (bh * Q + threadIdx.x) * C;
+    float m = -INFINITY, s = 0.f;
+    for (int cc = 0; cc < C; ++cc) softmax_merge(m, s, part_max[at + cc], part_sum[at + cc]);
+    row_max[threadIdx.x] = m;
+    row_inv[threadIdx.x] = m == -INFINITY ? 0.f : 1.f / s;
+  }
+  __syncthreads();
+  const int j = tile * 256 + threadIdx.x;
+  if (j >= L) return;
+  float sum = 0.f;
+  for (int i = 0; i < Q; ++i) {
+    const float l = logits[(bh * Q + i) * L + j];
+    if (l != -INFINITY) sum += expf(l - row_max[i]) * row_inv[i];
+  }
+  head_score[bh * L + j] = sum;
+}
+
+// attention_stats_from_probs' first pass. Block = (256-slot tile, b * H + h).
+template <typename T>
+__global__ void __launch_bounds__(256)
+    probs_head_scores_kernel(const T* __restrict__ probs,  // [B, H, Q, L]
+                             int64_t p_stride_b, int64_t p_stride_h, int64_t p_stride_q,
+                             const int8_t* __restrict__ token_type,  // [B, L]
+                             int64_t tt_stride_b, int64_t tt_stride_l, int H, int Q, int L,
+                             int num_types,
+                             float* __restrict__ head_score)  // [B, H, L]
+{
+  const int tiles = (L + 255) / 256;
+  const int tile = static_cast<int>(blockIdx.x % tiles);
+  const int64_t bh = blockIdx.x / tiles;
+  const int64_t b = bh / H, h = bh % H;
+  const int j = tile * 256 + threadIdx.x;
+  if (j >= L) return;
+  const int t = token_type[b * tt_stride_b + j * tt_stride_l];
+  float sum = 0.f;
+  if (t >= 0 && t < num_types) {
+    const T* p = probs + b * p_stride_b + h * p_stride_h + j;
+#pragma unroll 4
+    for (int i = 0; i < Q; ++i) sum += to_float(p[i * p_stride_q]);
+  }
+  head_score[bh * L + j] = sum;
+}
+
+// Pass 3. Blocks [0, score_blocks) write token_score, one thread per (b, j); the next B * H
+// blocks write type_mass[b, h, :], eight types per sweep over the slots.
+__global__ void __launch_bounds__(256)
+    finalize_stats_kernel(const float* __restrict__ head_score,   // [B, H, L]
+                          const int8_t* __restrict__ token_type,  // [B, L]
+                          int64_t tt_stride_b, int64_t tt_stride_l, int B, int H, int L,
+                          int num_types, float inv_rows, float inv_heads_rows, int score_blocks,
+                          float* __restrict__ type_mass,    // [B, H, num_types]
+                          float* __restrict__ token_score)  // [B, L]
+{
+  constexpr int kTypes = 8, kWarps = 256 / 32;
+  __shared__ float partial[kWarps][kTypes];
+  if (static_cast<int>(blockIdx.x) < score_blocks) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+    if (idx >= static_cast<int64_t>(B) * L) return;
+    const int64_t b = idx / L, j = idx % L;
+    float sum = 0.f;
+    for (int h = 0; h < H; ++h) sum += head_score[(b * H + h) * L + j];
+    token_score[idx] = sum * inv_heads_rows;
+    return;
+  }
+  const int64_t bh = blockIdx.x - score_blocks;
+  const int64_t b = bh / H;
+  const float* row = head_score + bh * L;
+  const int8_t* types = token_type + b * tt_stride_b;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int t0 = 0; t0 < num_types; t0 += kTypes) {
+    float acc[kTypes];
+#pragma unroll
+    for (int u = 0; u < kTypes; ++u) acc[u] = 0.f;
+    for (int j = threadIdx.x; j < L; j += 256) {
+      const int t = static_cast<int>(types[static_cast<int64_t>(j) * tt_stride_l]) - t0;
+      if (t >= 0 && t < kTypes && t0 + t < num_types) {
+        const float v = row[j];
+#pragma unroll
+        for (int u = 0; u < kTypes; ++u) {
+          if (t == u) acc[u] += v;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTypes; ++u) {
+      float v = acc[u];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0) partial[warp][u] = v;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < kTypes && t0 + static_cast<int>(threadIdx.x) < num_types) {
+      float sum = 0.f;
+      for (int w = 0; w < kWarps; ++w) sum += partial[w][threadIdx.x];
+      type_mass[bh * num_types + t0 + threadIdx.x] = sum * inv_rows;
+    }
+    __syncthreads();  // partial is rewritten by the next sweep
+  }
+}
+
+}  // namespace detail
+
+StatsPlan plan_attention_stats(int B, int Hq, int Hkv, int Q, int L, int D, int elem_size,
+                               bool aligned16, int sm_count) {
+  StatsPlan p{};
+  const int vec = 16 / elem_size;
+  p.vec = aligned16 && D % vec == 0 ? vec : 1;
+  const int nvec = D > 0 ? (D + p.vec - 1) / p.vec : 1;
+  int lanes = 1;
+  while (lanes < nvec && lanes < 32) lanes <<= 1;
+  p.lanes = lanes;
+  const int groups = kStatsThreads / lanes;
+  int rows = D > 0 ? kStatsMaxTileFloats / D : kStatsRowTile;
+  rows = rows < 1 ? 1 : rows;
+  p.rows_per_tile = rows > kStatsRowTile ? kStatsRowTile : rows;
+  p.store_logits = Q <= kStatsMaxStoredRows;
+
+  // Enough blocks to fill the device about four times, each chunk at least `groups` slots so
+  // that every lane group has a key; with Q large the partials [B, H_q, Q, C] stay within
+  // 4 B H_q L floats.
+  const int64_t target = 4LL * (sm_count > 0 ? sm_count : 1);
+  const int64_t bh = static_cast<int64_t>(B) * Hkv;
+  int64_t chunks = bh > 0 ? (target + bh - 1) / bh : 1;
+  const int64_t max_chunks = (static_cast<int64_t>(L) + groups - 1) / groups;
+  if (chunks > max_chunks) chunks = max_chunks;
+  if (!p.store_logits) {
+    const int64_t scratch_cap = 4LL * L / (Q > 0 ? Q : 1);
+    if (chunks > scratch_cap) chunks = scratch_cap;
+  }
+  if (chunks < 1) chunks = 1;
+  int64_t len = (static_cast<int64_t>(L) + chunks - 1) / chunks;
+  len = (len + groups - 1) / groups * groups;
+  if (len < 1) len = 1;
+  p.chunk_len = static_cast<int>(len);
+  p.chunks = static_cast<int>((static_cast<int64_t>(L) + len - 1) / len);
+  if (p.chunks < 1) p.chunks = 1;
+  return p;
+}
+
+namespace detail {
+
+template <typename T, bool kScores>
+cudaError_t launch_qk(const QKArgs<T>& a, const StatsPlan& plan, float* part_max, float* part_sum,
+                      float* logits, float* head_score, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(plan.chunks) * a.Hkv * a.B;
+  if (blocks == 0 || a.Q == 0 || a.L == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  const size_t smem = static_cast<size_t>(plan.rows_per_tile) * a.D * sizeof(float);
+  constexpr int kVec = vec16<T>();
+  if (plan.vec == kVec) {
+    qk_kernel<T, kVec, kScores><<<static_cast<unsigned>(blocks), kStatsThreads, smem, stream>>>(
+        a, plan, part_max, part_sum, logits, head_score);
+  } else {
+    qk_kernel<T, 1, kScores><<<static_cast<unsigned>(blocks), kStatsThreads, smem, stream>>>(
+        a, plan, part_max, part_sum, logits, head_score);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+
+template <typename T>
+cudaError_t launch_qk_partials(const QKArgs<T>& a, const StatsPlan& plan, float* part_max,
+                               float* part_sum, float* logits, cudaStream_t stream) {
+  return detail::launch_qk<T, false>(a, plan, part_max, part_sum,
+                                     plan.store_logits ? logits : nullptr, nullptr, stream);
+}
+
+template <typename T>
+cudaError_t launch_qk_head_scores(const QKArgs<T>& a, const StatsPlan& plan, const float* part_max,
+                                  const float* part_sum, float* head_score, cudaStream_t stream) {
+  // The kernel only reads the partials in this pass.
+  return detail::launch_qk<T, true>(a, plan, const_cast<float*>(part_max),
+                                    const_cast<float*>(part_sum), nullptr, head_score, stream);
+}
+
+cudaError_t launch_logits_head_scores(const float* logits, const float* part_max,
+                                      const float* part_sum, float* head_score, int B, int Hq,
+                                      int Q, int L, int chunks, cudaStream_t stream) {
+  if (Q > kStatsMaxStoredRows) return cudaErrorInvalidValue;
+  const int64_t blocks = static_cast<int64_t>(B) * Hq * ((L + 255) / 256);
+  if (blocks == 0 || Q == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  detail::logits_head_scores_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      logits, part_max, part_sum, head_score, Q, L, chunks);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_probs_head_scores(const T* probs, int64_t p_stride_b, int64_t p_stride_h,
+                                     int64_t p_stride_q, const int8_t* token_type,
+                                     int64_t tt_stride_b, int64_t tt_stride_l, int B, int H, int Q,
+                                     int L, int num_types, float* head_score, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(B) * H * ((L + 255) / 256);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  detail::probs_head_scores_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      probs, p_stride_b, p_stride_h, p_stride_q, token_type, tt_stride_b, tt_stride_l, H, Q, L,
+      num_types, head_score);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_finalize_stats(const float* head_score, const int8_t* token_type,
+                                  int64_t tt_stride_b, int64_t tt_stride_l, int B, int H, int L,
+                                  int num_types, float inv_rows, float inv_heads_rows,
+                                  float* type_mass, float* token_score, cudaStream_t stream) {
+  const int64_t score_blocks = (static_cast<int64_t>(B) * L + 255) / 256;
+  const int64_t blocks = score_blocks + static_cast<int64_t>(B) * H;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  detail::finalize_stats_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      head_score, token_type, tt_stride_b, tt_stride_l, B, H, L, num_types, inv_rows,
+      inv_heads_rows, static_cast<int>(score_blocks), type_mass, token_score);
+  return cudaGetLastError();
+}
+
+}  // namespace kernels
+}  // namespace dyrate

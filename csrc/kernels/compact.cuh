@@ -1,0 +1,175 @@
+// CUDA kernels of compact_ and compact_token_type_ (torch-free), in place.
+//
+// One block owns one (tensor, b, h) row, so rows never race with each other. Within a row,
+// destination slot s takes source slot keep_index[s] >= s (keep_index ascending). The block
+// walks the destination slots in ascending chunks: it loads a whole chunk into registers,
+// waits at a barrier, then stores it. A store of chunk k lands on slots <= the last
+// destination of chunk k, and every later source is a slot strictly after that (or the same
+// slot when it does not move, which is skipped), so later loads never see a stored value and
+// no barrier is needed after the stores. Slots before the first one that moves are not
+// touched. Copies use the widest of 16/8/4/2/1-byte words that the tensor's pointer, strides
+// and row size allow (chosen on the host).
+#pragma once
+
+#include <climits>
+
+#include "common.cuh"
+#include "dyrate_kernels.h"
+
+namespace dyrate {
+namespace kernels {
+namespace detail {
+
+constexpr int kCompactThreads = 256;
+constexpr int kCompactUnroll = 4;  // words per thread per chunk: 16 KiB per chunk at 16 bytes
+
+__device__ __forceinline__ int clamp_length(int64_t n, int L) {
+  return n < 0 ? 0 : (n > L ? L : static_cast<int>(n));
+}
+
+// Moves the words of destination slots [first, n) of one row. row_words * L < 2^31 (checked
+// on the host), so word indices fit 32 bits.
+template <typename Word>
+__device__ void compact_row(char* row,         // slot 0 of the (b, h) row
+                            int64_t stride_l,  // bytes between slots
+                            int row_words,
+                            const int64_t* keep_index,  // row b of [B, L]
+                            int64_t ki_stride_l, int L, int first, int n) {
+  const unsigned words = static_cast<unsigned>(row_words);
+  const unsigned begin = static_cast<unsigned>(first) * words;
+  const unsigned end = static_cast<unsigned>(n) * words;
+  constexpr unsigned kChunk = kCompactThreads * kCompactUnroll;
+  for (unsigned g0 = begin; g0 < end; g0 += kChunk) {
+    Word vals[kCompactUnroll];
+    int64_t dst[kCompactUnroll];
+    bool ok[kCompactUnroll];
+#pragma unroll
+    for (int u = 0; u < kCompactUnroll; ++u) {
+      const unsigned g = g0 + u * kCompactThreads + threadIdx.x;
+      ok[u] = false;
+      dst[u] = 0;
+      if (g < end) {
+        const unsigned s = g / words, w = g - s * words;
+        const int64_t src = keep_index[static_cast<int64_t>(s) * ki_stride_l];
+        if (src != static_cast<int64_t>(s) && src >= 0 && src < L) {
+          const int64_t offset = static_cast<int64_t>(w) * sizeof(Word);
+          vals[u] = *reinterpret_cast<const Word*>(row + src * stride_l + offset);
+          dst[u] = static_cast<int64_t>(s) * stride_l + offset;
+          ok[u] = true;
+        }
+      }
+    }
+    __syncthreads();  // every load of the chunk precedes every store of it
+#pragma unroll
+    for (int u = 0; u < kCompactUnroll; ++u) {
+      if (ok[u]) *reinterpret_cast<Word*>(row + dst[u]) = vals[u];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_kernel(const __grid_constant__ CompactTable tab) {
+  __shared__ int first_moved;
+  // The table entry owning this block: the last one whose first block is <= blockIdx.x.
+  int lo = 0, hi = tab.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tab.first_block[mid] <= static_cast<int>(blockIdx.x)) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const CompactTensor& x = tab.tensors[lo];
+  const int row_id = static_cast<int>(blockIdx.x) - tab.first_block[lo];
+  const int b = row_id / x.heads, h = row_id - b * x.heads;
+  const int L = tab.L;
+  const int64_t* keep_index = tab.keep_index + b * tab.ki_stride_b;
+  const int n = clamp_length(tab.new_length[b * tab.nl_stride], L);
+
+  // First destination slot whose source differs from it.
+  if (threadIdx.x == 0) first_moved = n;
+  __syncthreads();
+  for (int s0 = 0; s0 < n; s0 += kCompactThreads) {
+    const int s = s0 + threadIdx.x;
+    const bool moves = s < n && keep_index[static_cast<int64_t>(s) * tab.ki_stride_l] != s;
+    if (moves) atomicMin(&first_moved, s);
+    if (__syncthreads_or(moves)) break;
+  }
+  const int first = first_moved;
+
+  char* row = x.data + b * x.stride_b + h * x.stride_h;
+  switch (x.word_log2) {
+    case 4:
+      compact_row<uint4>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      break;
+    case 3:
+      compact_row<uint2>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      break;
+    case 2:
+      compact_row<uint32_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      break;
+    case 1:
+      compact_row<uint16_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      break;
+    default:
+      compact_row<uint8_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      break;
+  }
+}
+
+// One block per sample. Same chunked load-barrier-store walk as the cache rows, one slot per
+// thread; slots from new_length on become -1.
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_token_type_kernel(int8_t* __restrict__ token_type,  // [B, L]
+                              int64_t tt_stride_b, int64_t tt_stride_l,
+                              const int64_t* __restrict__ keep_index,  // [B, L]
+                              int64_t ki_stride_b, int64_t ki_stride_l,
+                              const int64_t* __restrict__ new_length,  // [B]
+                              int64_t nl_stride, int L) {
+  const int64_t b = blockIdx.x;
+  int8_t* row = token_type + b * tt_stride_b;
+  const int64_t* idx = keep_index + b * ki_stride_b;
+  const int n = clamp_length(new_length[b * nl_stride], L);
+  for (int s0 = 0; s0 < L; s0 += kCompactThreads) {
+    const int s = s0 + threadIdx.x;
+    int8_t v = -1;
+    bool write = false;
+    if (s < n) {
+      const int64_t src = idx[static_cast<int64_t>(s) * ki_stride_l];
+      if (src >= 0 && src < L) {
+        v = row[src * tt_stride_l];
+        write = true;
+      }
+    } else if (s < L) {
+      write = true;
+    }
+    __syncthreads();
+    if (write) row[static_cast<int64_t>(s) * tt_stride_l] = v;
+  }
+}
+
+}  // namespace detail
+
+cudaError_t launch_compact(const CompactTable& table, cudaStream_t stream) {
+  if (table.count <= 0) return cudaSuccess;
+  if (table.count > kCompactMaxTensors) return cudaErrorInvalidValue;
+  const int blocks = table.first_block[table.count];
+  if (blocks <= 0) return cudaSuccess;
+  detail::compact_kernel<<<blocks, detail::kCompactThreads, 0, stream>>>(table);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_compact_token_type(int8_t* token_type, int64_t tt_stride_b, int64_t tt_stride_l,
+                                      const int64_t* keep_index, int64_t ki_stride_b,
+                                      int64_t ki_stride_l, const int64_t* new_length,
+                                      int64_t nl_stride, int B, int L, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  detail::compact_token_type_kernel<<<B, detail::kCompactThreads, 0, stream>>>(
+      token_type, tt_stride_b, tt_stride_l, keep_index, ki_stride_b, ki_stride_l, new_length,
+      nl_stride, L);
+  return cudaGetLastError();
+}
+
+}  // namespace kernels
+}  // namespace dyrate
