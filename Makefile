@@ -39,8 +39,10 @@ build-cmake/.built: $(VENV)/.deps $(SOURCES)
 
 other-builds: build-cpu/.built build-cmake/.built
 
+# The fast tier plus the CUDA kernels on the SIMT emulator: the one check of the CUDA code
+# that needs no GPU.
 test: build other-builds
-	$(VPY) -m pytest python_tests
+	$(VPY) -m pytest python_tests -m "not slow or emulated"
 
 test-full: build other-builds
 	$(VPY) -m pytest python_tests -m "slow or not slow"

@@ -69,6 +69,14 @@ def test_empty_rows_contribute_zeros(gen):
     torch.testing.assert_close(mass[0].sum(-1), torch.full((4,), 2 / 3))
 
 
+def test_no_query_heads_gives_zeros(gen):
+    q = randn((2, 0, 1, 8), gen)
+    k = randn((2, 1, 9, 8), gen)
+    mass, score = dyrate_ext.attention_stats(q, k, random_token_type(2, 9, gen))
+    assert mass.shape == (2, 0, 4)
+    assert torch.equal(score, torch.zeros(2, 9))
+
+
 def test_llava_layout_mass_sums_to_one(gen):
     shape = LlavaShape(heads=8, kv_heads=8, head_dim=32)
     types = llava_token_type(2, shape, left_pad=[0, 17])

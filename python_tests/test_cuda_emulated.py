@@ -23,7 +23,7 @@ import dyrate_ext
 from dyrate_ext import reference as ref
 from dyrate_ext.testing import randn, random_token_type
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.emulated]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

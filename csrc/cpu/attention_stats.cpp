@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cpu(const at::Tensor& q, cons
   at::Tensor type_mass = at::zeros({d.B, d.Hq, num_types}, f32);
   at::Tensor token_score = at::empty({d.B, d.L}, f32);
   at::Tensor partial = at::zeros({d.B, d.Hq, d.L}, f32);
-  if (d.B == 0 || d.Q == 0 || d.L == 0) {
+  if (d.B == 0 || d.Hq == 0 || d.Q == 0 || d.L == 0) {
     token_score.zero_();
     return {type_mass, token_score};
   }
