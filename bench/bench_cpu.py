@@ -80,8 +80,8 @@ def test_compact(benchmark, impl, batch, dtype):
     idx, n = _plan(c)
     c.restore()
     dyrate_ext.compact_(c.layers, idx, n)
-    got = eager.gather_layers(c.pristine, idx, n)
     length = int(n.max())
+    got = eager.gather_layers(c.pristine, idx, n, length)
     assert all(torch.equal(x[:, :, :length], y) for x, y in zip(c.layers, got))
     del got
     if impl == "dyrate":
@@ -91,7 +91,7 @@ def test_compact(benchmark, impl, batch, dtype):
         )
     else:
         info(benchmark, "compact", impl, batch, dtype, gathered_bytes(c, n))
-        benchmark.pedantic(eager.gather_layers, args=(c.pristine, idx, n), rounds=ROUNDS)
+        benchmark.pedantic(eager.gather_layers, args=(c.pristine, idx, n, length), rounds=ROUNDS)
 
 
 @grid
@@ -102,7 +102,7 @@ def test_prune_kv(benchmark, impl, batch, dtype):
     c = get_case(batch, dtype)
     c.restore()
     res = dyrate_ext.prune_kv(c.layers, c.types, query=c.query, key=c.key, rate=RATE, scale=c.scale)
-    new_layers, new_types, new_length = eager.prune_kv(
+    new_layers, new_types, new_length = eager.prune_kv_at_rate(
         c.pristine, c.pristine_types, c.query, c.key, RATE, c.scale
     )
     assert torch.equal(res.new_length, new_length) and torch.equal(res.token_type, new_types)
@@ -124,7 +124,7 @@ def test_prune_kv(benchmark, impl, batch, dtype):
             benchmark, "prune_kv", impl, batch, dtype, gathered_bytes(c, res.new_length) + key_bytes
         )
         benchmark.pedantic(
-            eager.prune_kv,
+            eager.prune_kv_at_rate,
             args=(c.pristine, c.pristine_types, c.query, c.key, RATE, c.scale),
             rounds=ROUNDS,
         )

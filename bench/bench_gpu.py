@@ -20,25 +20,34 @@ import platform
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_common as gc
+import cases
+import eager
 
 import dyrate_ext
+from dyrate_ext.testing import LLAVA_7B, LlavaShape
 
 
 def time_cuda(
     fn: Callable[[], object], setup: Callable[[], object] | None = None, warmup=3, iters=20
 ) -> float:
-    """Median milliseconds of fn over iters runs, each preceded by an untimed setup()."""
+    """Median milliseconds of fn over iters runs, each preceded by an untimed setup(). CUDA
+    events on a GPU; the host clock when no GPU is used (the CPU smoke test of this script)."""
     times = []
     for i in range(warmup + iters):
         if setup is not None:
             setup()
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -47,7 +56,7 @@ def time_cuda(
         end.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(times[-iters:])
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -75,28 +84,43 @@ def row(op, batch, dtype, shape, ours_ms, eager_ms, nbytes, bw):
     }
 
 
-def bench_case(batch: int, dtype: torch.dtype, bw: float, iters: int) -> list[dict]:
-    case = gc.make_case(batch, dtype)
+def bench_case(
+    batch: int,
+    dtype: torch.dtype,
+    bw: float,
+    iters: int,
+    device: str = "cuda",
+    shape: LlavaShape = LLAVA_7B,
+    pruned_layers: int = cases.PRUNED_LAYERS,
+) -> list[dict]:
+    case = cases.make_case(batch, dtype, device, shape, pruned_layers, replicate=True)
     q, k, types, scale = case.query, case.key, case.types, case.scale
-    shape = f"B={batch} H=32 L=650 D=128"
+    shape = f"B={batch} H={case.shape.heads} L={case.shape.length} D={case.shape.head_dim}"
     rows = []
 
     # attention_stats
     ours = dyrate_ext.attention_stats(q, k, types, scale)
-    eager = gc.eager_attention_stats(q, k, types, scale)
-    torch.testing.assert_close(ours[1], eager[1], atol=1e-4, rtol=1e-2)
+    theirs = eager.attention_stats(q, k, types, scale)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=1e-2)
     t_ours = time_cuda(lambda: dyrate_ext.attention_stats(q, k, types, scale), iters=iters)
-    t_eager = time_cuda(lambda: gc.eager_attention_stats(q, k, types, scale), iters=iters)
+    t_eager = time_cuda(lambda: eager.attention_stats(q, k, types, scale), iters=iters)
     rows.append(
         row(
-            "attention_stats", batch, dtype, shape, t_ours, t_eager, gc.stats_bytes(q, k, types), bw
+            "attention_stats",
+            batch,
+            dtype,
+            shape,
+            t_ours,
+            t_eager,
+            cases.stats_bytes(q, k, types),
+            bw,
         )
     )
 
     # attention_stats_from_probs
-    probs = gc.eager_probs(q, k, types, scale).to(dtype)
+    probs = eager.probs(q, k, types, scale).to(dtype)
     t_ours = time_cuda(lambda: dyrate_ext.attention_stats_from_probs(probs, types), iters=iters)
-    t_eager = time_cuda(lambda: gc.eager_stats_from_probs(probs, types), iters=iters)
+    t_eager = time_cuda(lambda: eager.stats_from_probs(probs, types), iters=iters)
     rows.append(
         row(
             "attention_stats_from_probs",
@@ -105,30 +129,30 @@ def bench_case(batch: int, dtype: torch.dtype, bw: float, iters: int) -> list[di
             shape,
             t_ours,
             t_eager,
-            gc.probs_bytes(probs, types),
+            cases.probs_bytes(probs, types),
             bw,
         )
     )
 
     # select_keep
     score = ours[1]
-    counts = dyrate_ext.keep_count_from_rate(types, gc.RATE)
+    counts = dyrate_ext.keep_count_from_rate(types, cases.RATE)
     idx, n = dyrate_ext.select_keep(score, types, counts)
-    e_idx, e_n = gc.eager_select_keep(score, types, counts)
+    e_idx, e_n = eager.select_keep(score, types, counts)
     assert torch.equal(n, e_n) and torch.equal(idx, e_idx), "eager and dyrate select differently"
     t_ours = time_cuda(lambda: dyrate_ext.select_keep(score, types, counts), iters=iters)
-    t_eager = time_cuda(lambda: gc.eager_select_keep(score, types, counts), iters=iters)
+    t_eager = time_cuda(lambda: eager.select_keep(score, types, counts), iters=iters)
     rows.append(
-        row("select_keep", batch, dtype, shape, t_ours, t_eager, gc.select_bytes(score), bw)
+        row("select_keep", batch, dtype, shape, t_ours, t_eager, cases.select_bytes(score), bw)
     )
 
     # compact_ of 31 layers x (k, v) against one gather per tensor
     length = int(n.max())
-    moved = gc.moved_bytes(case, idx, n)
+    moved = cases.moved_bytes(case, idx, n)
     t_ours = time_cuda(
         lambda: dyrate_ext.compact_(case.layers, idx, n), setup=case.restore, iters=iters
     )
-    t_eager = time_cuda(lambda: gc.eager_gather(case.layers, idx, length), iters=iters)
+    t_eager = time_cuda(lambda: eager.gather_layers(case.layers, idx, n, length), iters=iters)
     case.restore()
     rows.append(
         row(
@@ -149,22 +173,25 @@ def bench_case(batch: int, dtype: torch.dtype, bw: float, iters: int) -> list[di
             case.layers, case.types, query=q, key=k, keep_count=counts, narrow=False
         )
 
-    total = gc.stats_bytes(q, k, types) + gc.select_bytes(score) + moved + 2 * types.numel()
+    total = cases.stats_bytes(q, k, types) + cases.select_bytes(score) + moved + 2 * types.numel()
     t_ours = time_cuda(ours_prune, setup=case.restore, iters=iters)
-    t_eager = time_cuda(lambda: gc.eager_prune(case, counts, length), iters=iters)
+    case.restore()
+    t_eager = time_cuda(
+        lambda: eager.prune_kv(case.layers, case.types, q, k, counts, scale, length), iters=iters
+    )
     case.restore()
     rows.append(row("prune_kv", batch, dtype, shape, t_ours, t_eager, total, bw))
     return rows
 
 
 def bench_long(dtype: torch.dtype, bw: float, iters: int) -> dict:
-    q, k, types, scale = gc.make_long_case(8, 4096, dtype)
+    q, k, types, scale = cases.make_long_case(8, 4096, dtype, "cuda")
     ours = dyrate_ext.attention_stats(q, k, types, scale)
-    eager = gc.eager_attention_stats(q, k, types, scale)
-    torch.testing.assert_close(ours[1], eager[1], atol=1e-4, rtol=1e-2)
+    theirs = eager.attention_stats(q, k, types, scale)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=1e-2)
     t_ours = time_cuda(lambda: dyrate_ext.attention_stats(q, k, types, scale), iters=iters)
-    t_eager = time_cuda(lambda: gc.eager_attention_stats(q, k, types, scale), iters=iters)
-    nbytes = gc.stats_bytes(q, k, types)
+    t_eager = time_cuda(lambda: eager.attention_stats(q, k, types, scale), iters=iters)
+    nbytes = cases.stats_bytes(q, k, types)
     return row("attention_stats", 8, dtype, "B=8 H=32 L=4096 D=128", t_ours, t_eager, nbytes, bw)
 
 

@@ -57,7 +57,9 @@ def main() -> None:
         res = ours()
         t_ours = median_time(ours, setup=c.restore)
         t_eager = median_time(
-            lambda c=c: eager.prune_kv(c.pristine, c.pristine_types, c.query, c.key, RATE, c.scale)
+            lambda c=c: eager.prune_kv_at_rate(
+                c.pristine, c.pristine_types, c.query, c.key, RATE, c.scale
+            )
         )
         nbytes = moved_bytes(c, res.keep_index, res.new_length) + c.key.nbytes
         gbs = nbytes / t_ours / 1e9

@@ -95,3 +95,20 @@ def make_query(
 ) -> Tensor:
     """[B, H_q, Q, D] queries."""
     return randn((batch, shape.heads, q_len, shape.head_dim), gen, dtype, device)
+
+
+def special_scores(gen: torch.Generator, length: int = 64) -> tuple[Tensor, Tensor]:
+    """(score float32 [2, L], token_type int8 [2, L]) for select_keep's edge cases: NaN (ranks
+    as -inf and ties with it), -inf, +0 and -0 (tie), +inf and subnormals, among random scores;
+    slots 0..2 are system, the rest image."""
+    types = torch.ones(2, length, dtype=torch.int8)
+    types[:, :3] = SYSTEM
+    score = torch.rand(2, length, generator=gen)
+    score[:, 10:14] = float("nan")
+    score[:, 14:18] = float("-inf")
+    score[:, 20:24] = 0.0
+    score[:, 24:28] = -0.0
+    score[:, 30] = float("inf")
+    score[:, 31] = -1e-42
+    score[:, 32] = 1e-42
+    return score, types

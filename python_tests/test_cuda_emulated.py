@@ -21,7 +21,7 @@ from conftest import TOL, assert_close_to_reference
 
 import dyrate_ext
 from dyrate_ext import reference as ref
-from dyrate_ext.testing import randn, random_token_type
+from dyrate_ext.testing import randn, random_token_type, special_scores
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulated]
 
@@ -211,16 +211,7 @@ def test_select_keep(emu, b, length, ties, gen):
 def test_select_keep_special_values(emu, gen):
     """NaN ranks as -inf (and ties with it), -0 ties with +0, infinities order correctly."""
     length = 64
-    types = torch.ones(2, length, dtype=torch.int8)
-    types[:, :3] = 0
-    score = torch.rand(2, length, generator=gen)
-    score[:, 10:14] = float("nan")
-    score[:, 14:18] = float("-inf")
-    score[:, 20:24] = 0.0
-    score[:, 24:28] = -0.0
-    score[:, 30] = float("inf")
-    score[:, 31] = -1e-42  # subnormal
-    score[:, 32] = 1e-42
+    score, types = special_scores(gen, length)
     for keep in range(0, length - 2):
         check_select(emu, score, types, torch.tensor([keep, length - 3 - keep]))
     no_nan = score.nan_to_num(nan=-float("inf"))

@@ -30,6 +30,7 @@ from dyrate_ext.testing import (
     make_query,
     randn,
     random_token_type,
+    special_scores,
 )
 
 DEVICE = os.environ.get("DYRATE_TEST_DEVICE", "cuda")
@@ -264,16 +265,7 @@ def test_select_keep(b, length, ties, gen):
 def test_select_keep_special_values(gen):
     """NaN ranks as -inf (ties with it), -0 ties with +0, infinities and subnormals order."""
     length = 64
-    types = torch.ones(2, length, dtype=torch.int8)
-    types[:, :3] = 0
-    score = torch.rand(2, length, generator=gen)
-    score[:, 10:14] = float("nan")
-    score[:, 14:18] = float("-inf")
-    score[:, 20:24] = 0.0
-    score[:, 24:28] = -0.0
-    score[:, 30] = float("inf")
-    score[:, 31] = -1e-42
-    score[:, 32] = 1e-42
+    score, types = special_scores(gen, length)
     for keep in range(0, length - 2):
         check_select(score, types, torch.tensor([keep, length - 3 - keep]))
 
