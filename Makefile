@@ -1,13 +1,17 @@
 # make test  - install what is missing into .venv, build every flavour, run the tests
-# make demo  - install, build, run a short CPU benchmark of prune_kv against eager PyTorch
+# make demo  - install, build, run every pruning policy on an embedded LLaVA-1.5-shaped model
+#              (python -m dyrate_ext.demo: tokens, kept image tokens, FLOPs, times, a plot)
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
+# make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench/demo.py)
+# make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16;
+#                    writes bench/results/e2e.{json,md} and the README section
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test test-full demo bench build other-builds lint format clean
+.PHONY: test test-full demo bench bench-quick bench-e2e build other-builds lint format clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -48,7 +52,15 @@ test-full: build other-builds
 	$(VPY) -m pytest python_tests -m "slow or not slow"
 
 demo: build
+	$(VPY) -m dyrate_ext.demo
+
+bench-quick: build
 	$(VPY) bench/demo.py
+
+bench-e2e: build
+	mkdir -p bench/results
+	$(VPY) bench/e2e.py --out bench/results/e2e.json
+	$(VPY) bench/e2e_report.py bench/results/e2e.json --readme README.md
 
 bench: build
 	mkdir -p bench/results

@@ -1,0 +1,306 @@
+"""End-to-end decoding benchmark: throughput and KV-cache memory of each policy against batch.
+
+    python bench/e2e.py [--out bench/results/e2e.json] [--batch-sizes 1 4 16] ...
+    python bench/e2e_report.py bench/results/e2e.json --readme README.md    (`make bench-e2e`)
+
+Model: the embedded LLaVA-1.5-shaped model of `dyrate_ext.embedded` (576 image tokens per
+336-pixel image, LLaVA-1.5's chat template, random weights from a fixed seed) with a decoder
+sized for a small CPU machine: 16 layers, width 512, 8 heads, MLP 1376, float32. A batch of B
+prompts has B different pictures and questions (so the prompts are left-padded).
+
+For each batch size, after one untimed NoPrune run that warms up and records the image
+attention mass (the hand-set DyRate predictor is set from it, as in the demo: no trained
+predictor weights exist here), every policy of the demo - NoPrune, FastV(k=2, r=0.5),
+FastV(k=3, r=0.5), VTW(k=layers / 2), DyRate, AttentionMass - generates `max_new_tokens`
+tokens per prompt (no stop token) with `dyrate_ext.llava.generate`, `repeats` times, the
+policies interleaved so a slow spell of the machine hits all of them; times are medians.
+
+Measured per policy and batch size:
+- decode throughput: B * decoding steps / decoding time (StepClock: from the first logits to
+  the last), tokens/s; and the prefill time;
+- peak live KV cache: max over steps of the slots the cache holds, layers < k at the full
+  length and layers >= k at the pruned one (`trace.cache_length`, padded to the batch's
+  longest row), times B * H_kv * D * 2 (keys, values) * bytes per element: the memory of a
+  cache sized to what it holds;
+- allocated KV cache: what `dyrate_ext.llava.generate` allocates, every layer at prompt +
+  max_new_tokens slots, the same for every policy (the reference loop compacts in place and
+  does not give memory back); on CUDA also torch.cuda.max_memory_allocated of the run;
+- decoder FLOPs (`dyrate_ext.flops`) as % of NoPrune at the same batch size.
+Ratios to NoPrune come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dyrate_ext.demo import make_policies
+from dyrate_ext.embedded import (
+    LLAVA_15_SYSTEM,
+    EmbeddedConfig,
+    build_processor,
+    build_tokenizer,
+    demo_image,
+    embedded_llava,
+    hand_set_predictor,
+    llava_prompt,
+)
+from dyrate_ext.flops import DecoderShape, trace_flops
+from dyrate_ext.llava import GenerateOutput, NoPrune, Policy, generate
+from dyrate_ext.timing import StepClock, describe_machine, git_commit
+
+QUESTIONS = (
+    "Describe this image in detail.",
+    "What is shown in this picture?",
+    "Where is the house in the image?",
+    "What color is the sky?",
+    "Describe the scene.",
+    "Is there a tree in the image? Tell me about it.",
+)
+
+
+@dataclass
+class E2EConfig:
+    """What the benchmark runs (defaults: `make bench-e2e`)."""
+
+    batch_sizes: Sequence[int] = (1, 4, 16)
+    max_new_tokens: int = 32
+    repeats: int = 2
+    num_layers: int = 16
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    image_size: int = 336
+    seed: int = 0
+    attn: str = "sdpa"
+    device: str = "cpu"
+    dyrate_k: int = 2
+    dyrate_rates: int = 8
+    mass_p: float = 0.9
+    mass_k: int = 2
+
+    def model_config(self) -> EmbeddedConfig:
+        return EmbeddedConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            image_size=self.image_size,
+            seed=self.seed,
+            attn_implementation=self.attn,
+        )
+
+
+def make_batch(processor: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """B prompts in LLaVA-1.5's template, each with its own picture and question, left-padded:
+    input_ids / attention_mask int64 [B, S], pixel_values float32 [B, 3, H, W]."""
+    size = processor.image_processor.crop_size["height"]
+    texts = [llava_prompt(QUESTIONS[b % len(QUESTIONS)], LLAVA_15_SYSTEM) for b in range(batch)]
+    images = [demo_image(size, variant=b) for b in range(batch)]
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def _kv_bytes_per_slot(model: Any, batch: int) -> int:
+    """Bytes of one cache slot of one layer for the whole batch: B * H_kv * D * 2 * esize."""
+    shape = DecoderShape.from_config(model)
+    esize = model.lm_head.weight.element_size()
+    return batch * shape.kv_heads * shape.dim_per_head * 2 * esize
+
+
+def peak_live_kv_bytes(out: GenerateOutput, model: Any) -> int:
+    """Max over steps of the slots held (layers < k at the full length, layers >= k at the
+    pruned length) times the bytes of a slot: the memory of a cache sized to its contents."""
+    trace = out.trace
+    layers = DecoderShape.from_config(model).num_layers
+    k = layers if trace.first_pruned_layer is None else trace.first_pruned_layer
+    lengths = trace.cache_length.to(torch.int64)
+    slots = k * lengths[:, 0] + (layers - k) * lengths[:, 1]
+    batch = trace.kept_image.shape[1]
+    return int(slots.max()) * _kv_bytes_per_slot(model, batch)
+
+
+def allocated_kv_bytes(out: GenerateOutput, model: Any) -> int:
+    """What the reference loop allocates: every layer at prompt + max_new_tokens slots."""
+    batch, total = out.sequences.shape
+    layers = DecoderShape.from_config(model).num_layers
+    return layers * total * _kv_bytes_per_slot(model, batch)
+
+
+def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark; returns {"meta": ..., "rows": [...]} (one row per policy and batch).
+
+    Row keys: policy, batch, tokens_per_s, decode_s, prefill_s, decode_steps,
+    peak_live_kv_mib, allocated_kv_mib, cuda_peak_mib (None on CPU), mean_kept_image,
+    flops_pct, tokens_per_s_vs_noprune, peak_live_kv_vs_noprune, prefill_vs_noprune.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(config.device)
+    tokenizer = build_tokenizer()
+    mcfg = config.model_config()
+    processor = build_processor(tokenizer, image_size=mcfg.image_size, patch_size=mcfg.patch_size)
+    model = embedded_llava(mcfg, vocab_size=len(tokenizer)).to(device)
+    shape = DecoderShape.from_config(model)
+    steps = config.max_new_tokens
+    rows: list[dict[str, Any]] = []
+    n_policies = 6
+    bar = tqdm(
+        total=sum(config.batch_sizes) * steps * (1 + n_policies * config.repeats),
+        unit="tok",
+        disable=None if progress else True,
+        file=sys.stderr,
+        leave=False,
+    )
+    prompt_lengths = {}
+    for batch in config.batch_sizes:
+        inputs = make_batch(processor, batch, device)
+        prompt_lengths[batch] = inputs["input_ids"].shape[1]
+
+        def run(policy: Policy, batch: int = batch, inputs: dict = inputs) -> tuple[Any, ...]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with StepClock(model, on_step=lambda: bar.update(batch)) as clock:
+                out = generate(
+                    model,
+                    inputs["input_ids"],
+                    inputs["pixel_values"],
+                    inputs["attention_mask"],
+                    policy=policy,
+                    max_new_tokens=steps,
+                    eos_token_id=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            return out, clock, cuda_peak
+
+        bar.set_description(f"B={batch} calibration")
+        stats_layer = config.dyrate_k - 1
+        calib, _, _ = run(NoPrune(stats_layer=stats_layer))
+        predictor, high, low = hand_set_predictor(calib.trace, shape.num_heads, config.dyrate_rates)
+        policies, skipped = make_policies(
+            shape.num_layers, predictor, config.dyrate_k, config.mass_p, config.mass_k
+        )
+        policies = [("NoPrune", NoPrune()), *policies]
+        if skipped:
+            bar.total -= batch * steps * config.repeats * len(skipped)
+        samples: dict[str, list[tuple[Any, ...]]] = {name: [] for name, _ in policies}
+        for _ in range(config.repeats):
+            for name, policy in policies:
+                bar.set_description(f"B={batch} {name}")
+                samples[name].append(run(policy))
+        base: dict[str, float] = {}
+        for name, _ in policies:
+            runs = samples[name]
+            out = runs[0][0]
+            decode_s = statistics.median(r[1].decode_seconds for r in runs)
+            prefill_s = statistics.median(r[1].prefill_seconds for r in runs)
+            decode_steps = runs[0][1].decode_steps
+            cuda_peaks = [r[2] for r in runs if r[2] is not None]
+            row = {
+                "policy": name,
+                "batch": batch,
+                "tokens_per_s": batch * decode_steps / decode_s if decode_s > 0 else float("nan"),
+                "decode_s": decode_s,
+                "prefill_s": prefill_s,
+                "decode_steps": decode_steps,
+                "peak_live_kv_mib": peak_live_kv_bytes(out, model) / 2**20,
+                "allocated_kv_mib": allocated_kv_bytes(out, model) / 2**20,
+                "cuda_peak_mib": max(cuda_peaks) / 2**20 if cuda_peaks else None,
+                "mean_kept_image": float(out.trace.kept_image.double().mean()),
+                "flops": trace_flops(out.trace, shape).total,
+                "dyrate_high": high if name.startswith("DyRate") else None,
+                "dyrate_low": low if name.startswith("DyRate") else None,
+            }
+            if name == "NoPrune":
+                base = row
+            row["flops_pct"] = 100.0 * row["flops"] / base["flops"]
+            row["tokens_per_s_vs_noprune"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["peak_live_kv_vs_noprune"] = row["peak_live_kv_mib"] / base["peak_live_kv_mib"]
+            row["prefill_vs_noprune"] = row["prefill_s"] / base["prefill_s"]
+            rows.append(row)
+    bar.close()
+    cfg = asdict(config)
+    cfg["batch_sizes"] = list(config.batch_sizes)
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": describe_machine(device),
+        "commit": git_commit(Path(__file__).parent),
+        "config": cfg,
+        "model": (
+            f"embedded LLaVA-1.5-shaped model (random weights, seed {mcfg.seed}): "
+            f"{mcfg.image_tokens} image tokens per image, decoder {mcfg.num_layers} layers, "
+            f"hidden {mcfg.hidden_size}, MLP {mcfg.intermediate_size}, {mcfg.num_heads} heads "
+            f"({mcfg.num_kv_heads} kv), {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
+            f", {config.attn} attention"
+        ),
+        "prompt_length": prompt_lengths,
+    }
+    return {"meta": meta, "rows": rows}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = E2EConfig()
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=Path("bench/results/e2e.json"), help="JSON out")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--repeats", type=int, default=d.repeats, help="runs per policy (median)")
+    ap.add_argument("--layers", type=int, default=d.num_layers)
+    ap.add_argument("--hidden", type=int, default=d.hidden_size)
+    ap.add_argument("--intermediate", type=int, default=d.intermediate_size)
+    ap.add_argument("--heads", type=int, default=d.num_heads)
+    ap.add_argument("--kv-heads", type=int, default=d.num_kv_heads)
+    ap.add_argument("--image-size", type=int, default=d.image_size, help="336: 576 tokens")
+    ap.add_argument("--attn", default=d.attn, choices=["sdpa", "eager"])
+    ap.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = E2EConfig(
+        batch_sizes=tuple(args.batch_sizes),
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        image_size=args.image_size,
+        attn=args.attn,
+        device=args.device,
+    )
+    result = run_e2e(config, progress=not args.no_progress)
+    result["meta"]["command"] = "python bench/e2e.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for r in result["rows"]:
+        print(
+            f"B={r['batch']:>2} {r['policy']:<26} {r['tokens_per_s']:8.1f} tok/s "
+            f"({r['tokens_per_s_vs_noprune']:.2f}x)  prefill {r['prefill_s']:.2f} s  "
+            f"live KV {r['peak_live_kv_mib']:7.1f} MiB ({r['peak_live_kv_vs_noprune']:.2f}x)  "
+            f"FLOPs {r['flops_pct']:.1f}%"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Turn bench/e2e.py's JSON into tables and the README's end-to-end section.
+
+    python bench/e2e_report.py RESULTS.json [--readme README.md]
+
+Writes RESULTS.md beside the JSON: decode throughput (tokens/s) and peak live KV cache (MiB)
+per policy and batch size, each with its ratio to NoPrune at the same batch size, decoder
+FLOPs % and prefill time. With --readme it replaces the section between the e2e markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench:e2e:start -->", "<!-- bench:e2e:end -->"
+
+
+def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) -> list[str]:
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(r["policy"], r["batch"]): r for r in rows}
+    lines = [
+        f"| {header} | " + " | ".join(f"B={b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for name in names:
+        cells = [cell(by[(name, b)]) if (name, b) in by else "-" for b in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results as markdown: a header line and three tables."""
+    meta, rows = data["meta"], data["rows"]
+    cfg = meta["config"]
+    batches = sorted({r["batch"] for r in rows})
+    lengths = ", ".join(
+        f"B={b}: {n}" for b, n in sorted(meta["prompt_length"].items(), key=lambda x: int(x[0]))
+    )
+    alloc = {r["batch"]: r["allocated_kv_mib"] for r in rows if r["policy"] == "NoPrune"}
+    lines = [
+        f"Measured {meta['date'][:10]} on {meta['machine']}, commit {meta['commit']}, with "
+        f"`{meta.get('command', 'python bench/e2e.py')}`.",
+        "",
+        f"Model: {meta['model']}. Prompts (padded length {lengths}): LLaVA-1.5 template, one "
+        f"picture and question per sample; {cfg['max_new_tokens']} new tokens each, no stop "
+        f"token; times are the median of {cfg['repeats']} run(s), policies interleaved. DyRate "
+        "uses the hand-set predictor (no trained weights).",
+        "",
+        "Decode throughput, tokens/s (ratio to NoPrune at the same batch size):",
+        "",
+        *_table(
+            rows,
+            batches,
+            lambda r: f"{r['tokens_per_s']:.1f} ({r['tokens_per_s_vs_noprune']:.2f}x)",
+            "policy",
+        ),
+        "",
+        "Peak live KV cache, MiB (ratio to NoPrune): slots held x bytes per slot, the memory "
+        "of a cache sized to its contents. The reference loop itself allocates "
+        + ", ".join(f"{alloc[b]:.0f} MiB at B={b}" for b in batches if b in alloc)
+        + " for every policy (it compacts in place and keeps its buffers).",
+        "",
+        *_table(
+            rows,
+            batches,
+            lambda r: f"{r['peak_live_kv_mib']:.1f} ({r['peak_live_kv_vs_noprune']:.2f}x)",
+            "policy",
+        ),
+        "",
+        "Prefill time, s (ratio to NoPrune) and decoder FLOPs, % of NoPrune (prefill + decode):",
+        "",
+        *_table(
+            rows,
+            batches,
+            lambda r: (
+                f"{r['prefill_s']:.2f} ({r['prefill_vs_noprune']:.2f}x), {r['flops_pct']:.1f}%"
+            ),
+            "policy",
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("results", type=Path, help="JSON written by bench/e2e.py")
+    ap.add_argument("--readme", type=Path, help="replace the section between the e2e markers")
+    args = ap.parse_args()
+    text = markdown(json.loads(args.results.read_text()))
+    args.results.with_suffix(".md").write_text(text)
+    print(text)
+    if args.readme:
+        readme = args.readme.read_text()
+        if START not in readme or END not in readme:
+            raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
+        new = re.sub(
+            f"{re.escape(START)}.*?{re.escape(END)}",
+            lambda _: f"{START}\n{text}{END}",
+            readme,
+            flags=re.S,
+        )
+        args.readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Smoke test of the end-to-end benchmark (bench/e2e.py) and its report at tiny sizes.
+
+Every policy runs at every batch size; ratios to NoPrune are 1 for NoPrune; pruning lowers
+the live KV cache and the FLOPs but not what the reference loop allocates; the report writes
+its tables and replaces the README section between its markers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import e2e  # noqa: E402
+import e2e_report  # noqa: E402
+
+
+def test_run_e2e_tiny(tmp_path, monkeypatch):
+    config = e2e.E2EConfig(
+        batch_sizes=(1, 3),
+        max_new_tokens=3,
+        repeats=1,
+        num_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        image_size=56,  # 16 image tokens
+    )
+    result = e2e.run_e2e(config, progress=False)
+    rows = result["rows"]
+    assert [(r["batch"], r["policy"]) for r in rows][:2] == [
+        (1, "NoPrune"),
+        (1, "FastV(k=2, r=0.5)"),
+    ]
+    assert len(rows) == 12 and {r["batch"] for r in rows} == {1, 3}
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_steps"] == 2
+        if r["policy"] == "NoPrune":
+            assert r["tokens_per_s_vs_noprune"] == 1.0 and r["flops_pct"] == 100.0
+            base = r
+        else:
+            assert r["flops_pct"] < 100.0
+            assert r["peak_live_kv_mib"] < base["peak_live_kv_mib"]
+            assert r["allocated_kv_mib"] == base["allocated_kv_mib"]
+    vtw = next(r for r in rows if r["policy"].startswith("VTW") and r["batch"] == 3)
+    assert vtw["mean_kept_image"] == 0.0
+
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(result))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{e2e_report.START}\nold\n{e2e_report.END}\n")
+    monkeypatch.setattr(sys, "argv", ["e2e_report.py", str(path), "--readme", str(readme)])
+    e2e_report.main()
+    text = readme.read_text()
+    assert "old" not in text and "| policy | B=1 | B=3 |" in text
+    assert "(1.00x)" in text and (tmp_path / "e2e.md").exists()

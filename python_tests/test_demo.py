@@ -1,0 +1,144 @@
+"""Smoke tests of `python -m dyrate_ext.demo` at tiny sizes, its embedded model and StepClock.
+
+- The embedded tokenizer/processor give LLaVA-1.5's prompt layout (576 image tokens for a
+  336-pixel image) and round-trip words; the model is the same for the same seed.
+- The demo runs every policy, NoPrune equals `model.generate`, the table, PNG, JSON and
+  README section are written; DyRate is announced as hand-set; policies whose k does not fit
+  a 2-layer decoder are skipped with a note; `--help` documents every option.
+- `--model PATH` loads a checkpoint directory (the embedded model saved with save_pretrained).
+- StepClock sees one LM-head call per step in both loops.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+from dyrate_ext import demo
+from dyrate_ext.embedded import (
+    EmbeddedConfig,
+    build_processor,
+    build_tokenizer,
+    demo_image,
+    embedded_llava,
+    hand_set_predictor,
+    llava_prompt,
+)
+from dyrate_ext.llava import NoPrune, generate
+from dyrate_ext.timing import StepClock
+
+TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_prompt_layout_is_llava15(tokenizer):
+    processor = build_processor(tokenizer)
+    text = llava_prompt("What is shown in this image?")
+    assert text.endswith("USER: <image>\nWhat is shown in this image? ASSISTANT:")
+    enc = processor(text=[text], images=[demo_image()], return_tensors="pt")
+    ids = enc["input_ids"][0]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((ids == image_id).sum()) == 576
+    assert enc["pixel_values"].shape == (1, 3, 336, 336)
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids.tolist()
+    assert tokenizer.decode(tokenizer("a red house")["input_ids"], skip_special_tokens=True) == (
+        "a red house"
+    )
+    roles = tokenizer.convert_tokens_to_ids(["USER:", "ASSISTANT:"])
+    assert all(r in ids.tolist() for r in roles)
+
+
+def test_embedded_model_is_deterministic(tokenizer):
+    cfg = EmbeddedConfig(2, 32, 64, num_heads=4, num_kv_heads=4)
+    a = embedded_llava(cfg, len(tokenizer))
+    b = embedded_llava(cfg, len(tokenizer))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_demo_runs_every_policy(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{demo.README_START}\nold\n{demo.README_END}\ntail\n")
+    png, js = tmp_path / "kept.png", tmp_path / "out.json"
+    argv = [*TINY, "--plot", str(png), "--json", str(js), "--readme", str(readme)]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "NoPrune",
+        "FastV(k=2, r=0.5)",
+        "FastV(k=3, r=0.5)",
+        "VTW(k=2)",
+        "DyRate(k=2, K=8)",
+        "AttentionMass(p=0.9, k=2)",
+    ):
+        assert f"\n{name} " in out
+    assert "HAND-SET" in out and "meaningless" in out and "576 image" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    rows = data["rows"]
+    assert rows[0]["policy"] == "NoPrune" and len(rows) == 6
+    assert rows[0]["matches_generate"] is True
+    assert rows[0]["flops_pct"] == 100.0
+    assert all(r["flops_pct"] < 100.0 for r in rows[1:])
+    assert all(r["tokens"] == 3 for r in rows)
+    assert data["kept_image"]["VTW(k=2)"] == [0, 0, 0]
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{demo.README_END}\ntail\n")
+    assert "| NoPrune | 3 | yes |" in text and "](kept.png)" in text
+
+
+def test_demo_skips_policies_that_do_not_fit(capsys):
+    argv = [*TINY[2:], "--layers", "2", "--no-plot", "--no-hf-check", "--no-progress"]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "FastV(k=2, r=0.5) skipped" in out and "FastV(k=3, r=0.5) skipped" in out
+    assert "\nVTW(k=1) " in out
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for option in demo.parse_args([])._get_kwargs():
+        assert "--" + option[0].replace("_", "-") in text
+
+
+def test_model_path_runs_a_checkpoint_directory(tmp_path, tokenizer, capsys):
+    cfg = EmbeddedConfig(num_layers=4, hidden_size=64, intermediate_size=128)
+    model = embedded_llava(cfg, len(tokenizer))
+    model.save_pretrained(tmp_path)
+    build_processor(tokenizer).save_pretrained(tmp_path)
+    argv = ["--model", str(tmp_path), "--dtype", "float32", "--max-new-tokens", "2", "--no-plot"]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "real checkpoint" in out and "\nNoPrune " in out
+    assert "same tokens as NoPrune" in out
+
+
+def test_step_clock_and_hand_set_predictor(tokenizer):
+    cfg = EmbeddedConfig(3, 32, 64, num_heads=4, num_kv_heads=4)
+    model = embedded_llava(cfg, len(tokenizer))
+    processor = build_processor(tokenizer)
+    enc = processor(text=[llava_prompt("Describe.")], images=[demo_image()], return_tensors="pt")
+    with StepClock(model) as clock:
+        out = generate(
+            model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+            policy=NoPrune(stats_layer=1), max_new_tokens=4, eos_token_id=None,
+        )  # fmt: skip
+    assert clock.decode_steps == 3 and clock.prefill_seconds > 0 and clock.decode_seconds > 0
+    with StepClock(model) as hf:
+        model.generate(**enc, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert hf.decode_steps == 3
+    predictor, high, low = hand_set_predictor(out.trace, 4, num_rates=8)
+    assert high > low
+    # The prefill's image mass maps to class K/2 = 4 (rate 1/2).
+    assert int(predictor.predict(out.trace.type_mass[0])) == 4
