@@ -586,9 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     base_out = timed("NoPrune", NoPrune(stats_layer=stats_layer))
-    print(
+    bar.write(
         f"prompt:  {_prompt_layout(base_out)} (LLaVA-1.5 template: "
-        f'"{{system}} USER: <image>\\n{{question}} ASSISTANT:")'
+        f'"{{system}} USER: <image>\\n{{question}} ASSISTANT:")',
+        file=sys.stdout,
     )
 
     predictor_note = ""
