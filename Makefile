@@ -70,10 +70,12 @@ bench: build
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py
 	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 format: $(VENV)/.deps
 	$(VENV)/bin/ruff format dyrate_ext python_tests bench tools setup.py
 	$(VENV)/bin/ruff check --fix dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/clang-format -i --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 clean:
 	rm -rf build build-cpu build-cmake build-cpu.log dyrate_ext/_C*.so $(VENV)/.built

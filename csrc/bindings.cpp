@@ -3,6 +3,8 @@
 
 #include "dyrate.h"
 
+// Schemas stay one per line so that each reads whole next to its comment.
+// clang-format off
 TORCH_LIBRARY(dyrate, m) {
   // Fused FastV token score + per-head per-type attention mass from queries and cached keys.
   m.def("attention_stats(Tensor q, Tensor k, Tensor token_type, float scale, int num_types=4, bool causal=True) -> (Tensor, Tensor)");
@@ -15,6 +17,7 @@ TORCH_LIBRARY(dyrate, m) {
   // In-place gather of token_type with the same plan; -1 from new_length on.
   m.def("compact_token_type_(Tensor(a!) token_type, Tensor keep_index, Tensor new_length) -> ()");
 }
+// clang-format on
 
 TORCH_LIBRARY_IMPL(dyrate, CPU, m) {
   m.impl("attention_stats", &dyrate::attention_stats_cpu);

@@ -12,8 +12,8 @@ bool is_cache_dtype(at::ScalarType t) {
 
 void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* shape) {
   TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
-  TORCH_CHECK(t.dim() == rank, name, " must have shape ", shape, " (", rank,
-              " dims), got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == rank, name, " must have shape ", shape, " (", rank, " dims), got shape ",
+              t.sizes());
 }
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
@@ -27,8 +27,7 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* n
               ": got ", t.device(), " and ", ref.device());
 }
 
-void check_token_type_tensor(const at::Tensor& token_type, int64_t B, int64_t L,
-                             const char* name) {
+void check_token_type_tensor(const at::Tensor& token_type, int64_t B, int64_t L, const char* name) {
   check_rank(token_type, 2, name, "[B, L]");
   TORCH_CHECK(token_type.scalar_type() == at::kChar, name, " must be int8, got ",
               token_type.scalar_type());
@@ -37,8 +36,7 @@ void check_token_type_tensor(const at::Tensor& token_type, int64_t B, int64_t L,
 }
 
 void check_num_types(int64_t num_types) {
-  TORCH_CHECK(num_types >= 1 && num_types <= 64, "num_types must be in [1, 64], got ",
-              num_types);
+  TORCH_CHECK(num_types >= 1 && num_types <= 64, "num_types must be in [1, 64], got ", num_types);
 }
 
 void check_index_pair(const at::Tensor& keep_index, const at::Tensor& new_length) {
@@ -61,8 +59,8 @@ StatsDims check_attention_stats_args(const at::Tensor& q, const at::Tensor& k,
   check_rank(k, 4, "k", "[B, H_kv, L, D]");
   TORCH_CHECK(is_cache_dtype(q.scalar_type()), "q must be float32, float16 or bfloat16, got ",
               q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (",
-              q.scalar_type(), "), got ", k.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(),
+              "), got ", k.scalar_type());
   check_same_device(k, q, "k", "q");
   check_same_device(token_type, q, "token_type", "q");
   StatsDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
@@ -158,8 +156,7 @@ void check_keep_index_values(const at::Tensor& keep_index, const at::Tensor& new
   const int64_t* len = new_length.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = len[b * new_length.stride(0)];
-    TORCH_CHECK(n >= 0 && n <= L, "new_length[", b, "] = ", n, " is outside [0, L] = [0, ", L,
-                "]");
+    TORCH_CHECK(n >= 0 && n <= L, "new_length[", b, "] = ", n, " is outside [0, L] = [0, ", L, "]");
     int64_t prev = -1;
     for (int64_t s = 0; s < n; ++s) {
       const int64_t v = idx[b * keep_index.stride(0) + s * keep_index.stride(1)];

@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& token_score
                                                    const at::Tensor& keep_count,
                                                    int64_t target_type);
 
-// tensors: each [B, H_i, L, D_i], last dim contiguous; keep_index int64 [B, L]; new_length int64 [B]
+// tensors: each [B, H_i, L, D_i], last dim contiguous; keep_index int64 [B, L]; new_length int64
+// [B]
 void compact_cpu(at::TensorList tensors, const at::Tensor& keep_index,
                  const at::Tensor& new_length);
 

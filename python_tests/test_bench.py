@@ -13,9 +13,9 @@ import dyrate_ext
 from dyrate_ext.testing import LlavaShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_gpu  # noqa: E402
-import cases  # noqa: E402
-import eager  # noqa: E402
+import bench_gpu
+import cases
+import eager
 
 TINY = LlavaShape(
     layers=4, heads=4, kv_heads=4, head_dim=16, system=3, image=40, instruction=5, response=2

@@ -148,8 +148,9 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           const int64_t i = r % Q;
           const bool allowed = valid && (!causal || j <= L - Q + i);
           float logit = neg_inf;
-          if (allowed) logit = scale * (R > 1 ? dot_f(qf.data() + r * D, kf.data(), D)
-                                              : dot_k(qf.data() + r * D, krow, D));
+          if (allowed)
+            logit = scale * (R > 1 ? dot_f(qf.data() + r * D, kf.data(), D)
+                                   : dot_k(qf.data() + r * D, krow, D));
           logits[r * L + j] = logit;
         }
       }
@@ -187,8 +188,7 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 template <typename T>
-void stats_from_probs_impl(const at::Tensor& probs, const at::Tensor& token_type,
-                           int64_t num_types,
+void stats_from_probs_impl(const at::Tensor& probs, const at::Tensor& token_type, int64_t num_types,
                            float* type_mass,  // [B, H, T]
                            float* partial) {  // [B, H, L]
   const int64_t B = probs.size(0), H = probs.size(1), Q = probs.size(2), L = probs.size(3);
@@ -236,10 +236,12 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cpu(const at::Tensor& q, cons
     token_score.zero_();
     return {type_mass, token_score};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_stats", [&] {
-    attention_stats_impl<scalar_t>(q, k, token_type, d, static_cast<float>(scale), num_types,
-                                   causal, type_mass.data_ptr<float>(), partial.data_ptr<float>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "attention_stats", [&] {
+        attention_stats_impl<scalar_t>(q, k, token_type, d, static_cast<float>(scale), num_types,
+                                       causal, type_mass.data_ptr<float>(),
+                                       partial.data_ptr<float>());
+      });
   reduce_heads(partial.const_data_ptr<float>(), token_score.data_ptr<float>(), d.B, d.Hq, d.L,
                1.f / static_cast<float>(d.Hq * d.Q));
   return {type_mass, token_score};
@@ -256,11 +258,11 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_from_probs_cpu(const at::Tens
   at::Tensor token_score = at::zeros({B, L}, f32);
   if (B == 0 || H == 0 || Q == 0 || L == 0) return {type_mass, token_score};
   at::Tensor partial = at::zeros({B, H, L}, f32);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(),
-                                  "attention_stats_from_probs", [&] {
-    stats_from_probs_impl<scalar_t>(probs, token_type, num_types, type_mass.data_ptr<float>(),
-                                    partial.data_ptr<float>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, probs.scalar_type(), "attention_stats_from_probs", [&] {
+        stats_from_probs_impl<scalar_t>(probs, token_type, num_types, type_mass.data_ptr<float>(),
+                                        partial.data_ptr<float>());
+      });
   reduce_heads(partial.const_data_ptr<float>(), token_score.data_ptr<float>(), B, H, L,
                1.f / static_cast<float>(H * Q));
   return {type_mass, token_score};

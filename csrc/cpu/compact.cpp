@@ -20,7 +20,8 @@ struct Run {
 };
 
 // The moves that turn row b into its compacted form: runs of slots that change place.
-std::vector<std::vector<Run>> plan_runs(const at::Tensor& keep_index, const at::Tensor& new_length) {
+std::vector<std::vector<Run>> plan_runs(const at::Tensor& keep_index,
+                                        const at::Tensor& new_length) {
   const int64_t B = keep_index.size(0);
   const int64_t* idx = keep_index.const_data_ptr<int64_t>();
   const int64_t* len = new_length.const_data_ptr<int64_t>();
@@ -94,7 +95,8 @@ void compact_token_type_cpu(const at::Tensor& token_type, const at::Tensor& keep
     int8_t* row = tp + b * token_type.stride(0);
     const int64_t ts = token_type.stride(1);
     const int64_t n = len[b * new_length.stride(0)];
-    for (int64_t s = 0; s < n; ++s) row[s * ts] = row[idx[b * keep_index.stride(0) + s * keep_index.stride(1)] * ts];
+    for (int64_t s = 0; s < n; ++s)
+      row[s * ts] = row[idx[b * keep_index.stride(0) + s * keep_index.stride(1)] * ts];
     for (int64_t s = n; s < L; ++s) row[s * ts] = -1;
   }
 }
