@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from dyrate_ext.demo import make_policies
+from dyrate_ext.demo import make_policies, run_policy
 from dyrate_ext.embedded import (
     LLAVA_15_SYSTEM,
     EmbeddedConfig,
@@ -55,8 +55,8 @@ from dyrate_ext.embedded import (
     llava_prompt,
 )
 from dyrate_ext.flops import DecoderShape, trace_flops
-from dyrate_ext.llava import GenerateOutput, NoPrune, Policy, generate
-from dyrate_ext.timing import StepClock, describe_machine, git_commit
+from dyrate_ext.llava import GenerateOutput, NoPrune, Policy
+from dyrate_ext.timing import describe_machine, git_commit
 
 QUESTIONS = (
     "Describe this image in detail.",
@@ -171,17 +171,15 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
         def run(policy: Policy, batch: int = batch, inputs: dict = inputs) -> tuple[Any, ...]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with StepClock(model, on_step=lambda: bar.update(batch)) as clock:
-                out = generate(
-                    model,
-                    inputs["input_ids"],
-                    inputs["pixel_values"],
-                    inputs["attention_mask"],
-                    policy=policy,
-                    max_new_tokens=steps,
-                    eos_token_id=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+            out, clock = run_policy(
+                model,
+                inputs,
+                policy,
+                steps,
+                None,
+                tokenizer.pad_token_id,
+                lambda: bar.update(batch),
+            )
             cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             return out, clock, cuda_peak
 

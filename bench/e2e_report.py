@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-START, END = "<!-- bench:e2e:start -->", "<!-- bench:e2e:end -->"
+from dyrate_ext.readme import replace_section
 
 
 def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) -> list[str]:
@@ -95,16 +94,7 @@ def main() -> None:
     args.results.with_suffix(".md").write_text(text)
     print(text)
     if args.readme:
-        readme = args.readme.read_text()
-        if START not in readme or END not in readme:
-            raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
-        new = re.sub(
-            f"{re.escape(START)}.*?{re.escape(END)}",
-            lambda _: f"{START}\n{text}{END}",
-            readme,
-            flags=re.S,
-        )
-        args.readme.write_text(new)
+        replace_section(args.readme, "bench:e2e", text)
 
 
 if __name__ == "__main__":

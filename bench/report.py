@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-START, END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
+from dyrate_ext.readme import replace_section
 
 
 def rows(data: dict) -> tuple[float, list[dict]]:
@@ -88,13 +87,7 @@ def main() -> None:
     args.results.with_suffix(".md").write_text(text)
     print(text)
     if args.readme:
-        readme = args.readme.read_text()
-        if START not in readme:
-            raise SystemExit(f"{args.readme} has no {START} marker")
-        new = re.sub(
-            f"{re.escape(START)}.*?{re.escape(END)}", f"{START}\n{text}{END}", readme, flags=re.S
-        )
-        args.readme.write_text(new)
+        replace_section(args.readme, "bench:cpu", text)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -42,11 +41,12 @@ import torch
 from .flops import LLAVA_15_7B, DecoderShape, FlopsCount, trace_flops
 from .llava import VTW, AttentionMass, DyRate, FastV, GenerateOutput, NoPrune, Policy, generate
 from .predictor import RatePredictor
+from .readme import markers, replace_section
 from .timing import StepClock, describe_machine, git_commit
 
 __all__ = ["PolicyRun", "main", "make_policies", "parse_args"]
 
-README_START, README_END = "<!-- demo:start -->", "<!-- demo:end -->"
+README_START, README_END = markers("demo")
 DEFAULT_QUESTION = "Describe this image in detail."
 DEFAULT_PLOT = "build/demo/kept_image_tokens.png"
 
@@ -349,7 +349,7 @@ def make_policies(
 # --------------------------------------------------------------------------------------------
 
 
-def _run(
+def run_policy(
     model: Any,
     inputs: dict[str, torch.Tensor],
     policy: Policy,
@@ -504,20 +504,6 @@ def _prompt_layout(out: GenerateOutput) -> str:
     return f"{sum(count)} tokens = {count[0]} system + {count[1]} image + {count[2]} instruction"
 
 
-def write_readme(path: Path, text: str) -> None:
-    """Replace the demo section of a README (between README_START and README_END)."""
-    readme = path.read_text()
-    if README_START not in readme or README_END not in readme:
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} markers")
-    new = re.sub(
-        f"{re.escape(README_START)}.*?{re.escape(README_END)}",
-        lambda _: f"{README_START}\n{text}{README_END}",
-        readme,
-        flags=re.S,
-    )
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit status."""
     from tqdm.auto import tqdm
@@ -549,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # Warm-up (one-time allocations, thread pools), not timed.
-    _run(model, inputs, NoPrune(), 2, None, pad)
+    run_policy(model, inputs, NoPrune(), 2, None, pad)
 
     dyrate_k = args.dyrate_k
     stats_layer = min(max(dyrate_k, 1), num_layers) - 1
@@ -569,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_description(name)
         outs, prefill, decode = [], [], []
         for _ in range(repeats):
-            out, clock = _run(model, inputs, policy, steps, eos, pad, bar.update)
+            out, clock = run_policy(model, inputs, policy, steps, eos, pad, bar.update)
             outs.append(out)
             prefill.append(clock.prefill_seconds)
             decode.append(clock.decode_seconds)
@@ -714,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         if plot_path is not None:
             rel = Path(os.path.relpath(plot_path.resolve(), readme.resolve().parent)).as_posix()
             lines += [f"![kept image tokens per decoding step]({rel})", ""]
-        write_readme(readme, "\n".join(lines))
+        replace_section(readme, "demo", "\n".join(lines))
         print(f"readme: {readme} updated")
     return 0
 

@@ -22,6 +22,8 @@ sys.path.insert(0, str(BENCH))
 import e2e  # noqa: E402
 import e2e_report  # noqa: E402
 
+from dyrate_ext.readme import markers  # noqa: E402
+
 
 def test_run_e2e_tiny(tmp_path, monkeypatch):
     config = e2e.E2EConfig(
@@ -55,7 +57,8 @@ def test_run_e2e_tiny(tmp_path, monkeypatch):
     path = tmp_path / "e2e.json"
     path.write_text(json.dumps(result))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{e2e_report.START}\nold\n{e2e_report.END}\n")
+    start, end = markers("bench:e2e")
+    readme.write_text(f"intro\n{start}\nold\n{end}\n")
     monkeypatch.setattr(sys, "argv", ["e2e_report.py", str(path), "--readme", str(readme)])
     e2e_report.main()
     text = readme.read_text()
