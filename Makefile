@@ -24,7 +24,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	mkdir -p build
 	$(VPY) -m pip install -v --no-build-isolation --no-deps -e . > build/build.log 2>&1 \
 		|| { tail -60 build/build.log; exit 1; }
-	grep -E "^dyrate_ext:" build/build.log || true
+	grep -oE "dyrate_ext: (building|this torch|no CUDA).*" build/build.log | sort -u || true
 	@! grep -E "csrc/[^ :]+:[0-9]+:[0-9]+: warning" build/build.log || \
 		{ echo "warnings from our sources (see build/build.log)"; exit 1; }
 	touch $@
