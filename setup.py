@@ -76,6 +76,6 @@ setup(
         "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     },
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.13"],
     extras_require={"llava": ["transformers>=5,<6", "safetensors"]},
 )
