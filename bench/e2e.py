@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from dyrate_ext.demo import make_policies, run_policy
-from dyrate_ext.embedded import (
+from dyrate_ext.llava.embedded import (
     LLAVA_15_SYSTEM,
     EmbeddedConfig,
     build_processor,

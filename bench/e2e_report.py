@@ -9,12 +9,15 @@ FLOPs % and prefill time. With --readme it replaces the section between the e2e 
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-from dyrate_ext.readme import replace_section
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from readme_sections import replace_section
 
 
 def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) -> list[str]:

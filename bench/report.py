@@ -8,11 +8,14 @@ bytes moved, GB/s and % of the copy bandwidth measured in the same run, and eage
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 from pathlib import Path
 
-from dyrate_ext.readme import replace_section
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from readme_sections import replace_section
 
 
 def rows(data: dict) -> tuple[float, list[dict]]:

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SYSTEM, IMAGE, INSTRUCTION, RESPONSE, EMPTY = 0, 1, 2, 3, -1
+from .token_types import TokenType
+
+SYSTEM, IMAGE, INSTRUCTION, RESPONSE, EMPTY = (
+    TokenType.SYSTEM,
+    TokenType.IMAGE,
+    TokenType.INSTRUCTION,
+    TokenType.RESPONSE,
+    TokenType.EMPTY,
+)
 
 
 @dataclass(frozen=True)

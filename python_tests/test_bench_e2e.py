@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCH))
 import e2e  # noqa: E402
 import e2e_report  # noqa: E402
 
-from dyrate_ext.readme import markers  # noqa: E402
+from readme_sections import markers  # noqa: E402
 
 
 def test_run_e2e_tiny(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from dyrate_ext import demo
-from dyrate_ext.embedded import (
+from dyrate_ext.llava.embedded import (
     EmbeddedConfig,
     build_processor,
     build_tokenizer,
@@ -65,11 +65,11 @@ def test_embedded_model_is_deterministic(tokenizer):
         assert torch.equal(x, y), name
 
 
-def test_demo_runs_every_policy(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{demo.README_START}\nold\n{demo.README_END}\ntail\n")
+def test_demo_runs_every_policy(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    md = tmp_path / "section.md"
     png, js = tmp_path / "kept.png", tmp_path / "out.json"
-    argv = [*TINY, "--plot", str(png), "--json", str(js), "--readme", str(readme)]
+    argv = [*TINY, "--plot", str(png), "--json", str(js), "--markdown", str(md)]
     assert demo.main(argv) == 0
     out = capsys.readouterr().out
     for name in (
@@ -91,8 +91,7 @@ def test_demo_runs_every_policy(tmp_path, capsys):
     assert all(r["flops_pct"] < 100.0 for r in rows[1:])
     assert all(r["tokens"] == 3 for r in rows)
     assert data["kept_image"]["VTW(k=2)"] == [0, 0, 0]
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{demo.README_END}\ntail\n")
+    text = md.read_text()
     assert "| NoPrune | 3 | yes |" in text and "](kept.png)" in text
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dyrate_ext.readme import markers, replace_section
+from readme_sections import markers, replace_section
 
 
 def test_replaces_only_its_section(tmp_path):

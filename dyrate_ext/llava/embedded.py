@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .predictor import RatePredictor
+from ..predictor import RatePredictor
 
 try:
     from PIL import Image

@@ -32,3 +32,20 @@ def replace_section(path: Path, name: str, text: str) -> None:
         flags=re.S,
     )
     path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python tools/readme_sections.py README.md NAME SECTION.md`: put a file in a section."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("readme", type=Path)
+    ap.add_argument("name", help="section name, e.g. demo, bench:cpu, bench:e2e")
+    ap.add_argument("section", type=Path, help="markdown file with the section's new body")
+    args = ap.parse_args(argv)
+    replace_section(args.readme, args.name, args.section.read_text())
+    print(f"{args.readme}: section {args.name} replaced by {args.section}")
+
+
+if __name__ == "__main__":
+    main()

@@ -38,15 +38,13 @@ from typing import Any
 
 import torch
 
-from .flops import LLAVA_15_7B, DecoderShape, FlopsCount, trace_flops
-from .llava import VTW, AttentionMass, DyRate, FastV, GenerateOutput, NoPrune, Policy, generate
-from .predictor import RatePredictor
-from .readme import markers, replace_section
-from .timing import StepClock, describe_machine, git_commit
+from ..flops import LLAVA_15_7B, DecoderShape, FlopsCount, trace_flops
+from ..llava import VTW, AttentionMass, DyRate, FastV, GenerateOutput, NoPrune, Policy, generate
+from ..predictor import RatePredictor
+from ..timing import StepClock, describe_machine, git_commit
 
 __all__ = ["PolicyRun", "main", "make_policies", "parse_args"]
 
-README_START, README_END = markers("demo")
 DEFAULT_QUESTION = "Describe this image in detail."
 DEFAULT_PLOT = "build/demo/kept_image_tokens.png"
 
@@ -203,10 +201,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--no-plot", action="store_true", help="skip the plot")
     o.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     o.add_argument(
-        "--readme",
+        "--markdown",
         metavar="PATH",
-        help=f"replace the section between {README_START} and {README_END} in this file "
-        "with this run's table and plot",
+        help="also write this run's table and plot link as markdown (the README's demo section: "
+        "tools/readme_sections.py puts it there)",
     )
     o.add_argument("--no-hf-check", action="store_true", help="skip the model.generate comparison")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -264,7 +262,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, str, bool]:
         )
         return model, processor, desc, False
 
-    from .embedded import EmbeddedConfig, build_processor, build_tokenizer, embedded_llava
+    from ..llava.embedded import EmbeddedConfig, build_processor, build_tokenizer, embedded_llava
 
     cfg = EmbeddedConfig(
         num_layers=args.layers,
@@ -296,7 +294,7 @@ def make_inputs(
 ) -> dict[str, torch.Tensor]:
     """The prompt in LLaVA-1.5's template with its image: input_ids int64 [1, S],
     attention_mask int64 [1, S], pixel_values [1, 3, H, W] of `dtype`, on `device`."""
-    from .embedded import LLAVA_15_SYSTEM, demo_image, llava_prompt
+    from ..llava.embedded import LLAVA_15_SYSTEM, demo_image, llava_prompt
 
     if args.image:
         from PIL import Image
@@ -584,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = RatePredictor.load(args.predictor)
         predictor_note = f"DyRate predictor: trained weights from {args.predictor}"
     elif 1 <= dyrate_k < num_layers:
-        from .embedded import hand_set_predictor
+        from ..llava.embedded import hand_set_predictor
 
         predictor, high, low = hand_set_predictor(
             base_out.trace, num_heads, args.dyrate_rates, args.dyrate_high, args.dyrate_low
@@ -685,8 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
         print(f"json: {args.json}")
-    if args.readme:
-        readme = Path(args.readme)
+    if args.markdown:
+        md = Path(args.markdown)
         lines = [
             f"Measured {meta['date'][:10]} on {meta['machine']}, commit {meta['commit']}, with "
             f"`{meta['command']}` ({elapsed:.0f} s in all).",
@@ -698,12 +696,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         if plot_path is not None:
-            rel = Path(os.path.relpath(plot_path.resolve(), readme.resolve().parent)).as_posix()
+            rel = Path(os.path.relpath(plot_path.resolve())).as_posix()
             lines += [f"![kept image tokens per decoding step]({rel})", ""]
-        replace_section(readme, "demo", "\n".join(lines))
-        print(f"readme: {readme} updated")
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text("\n".join(lines))
+        print(f"markdown: {md}")
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

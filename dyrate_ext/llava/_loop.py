@@ -68,8 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from .policies import (
+from .. import ops
+from ..policies import (
     VTW,
     AttentionMass,
     Decision,
@@ -80,8 +80,8 @@ from .policies import (
     StepStats,
     keep_from_rate,
 )
-from .predictor import RatePredictor
-from .prune import prune_kv
+from ..predictor import RatePredictor
+from ..prune import prune_kv
 
 try:
     import transformers
