@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .predictor import RatePredictor
-
-IMAGE = 1
+from .prune import keep_count_from_rate
+from .token_types import TokenType
 
 
 @dataclass
@@ -67,11 +67,25 @@ class Decision:
     keep_count: Tensor
     rate: Tensor
 
-
-def keep_from_rate(num_image: Tensor, rate: float | Tensor) -> Tensor:
-    """int64 [B]: n - floor(rate * n) for n = num_image (DESIGN.md's rate -> keep count)."""
-    r = torch.as_tensor(rate, dtype=torch.float64, device=num_image.device)
-    return num_image - torch.floor(r * num_image.to(torch.float64)).to(torch.int64)
+    def check(self, policy: object, batch: int) -> None:
+        """Raise ValueError, naming the policy, unless keep_count and rate hold B values each,
+        keep_count >= 0 and rate in [0, 1] (a host synchronisation: the loop syncs anyway)."""
+        name = type(policy).__name__
+        for field, value in (("keep_count", self.keep_count), ("rate", self.rate)):
+            if not isinstance(value, Tensor) or value.numel() != batch:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{name}.decide: Decision.{field} must be a [B={batch}] tensor, got {shape}"
+                )
+        if bool((self.keep_count < 0).any()):
+            raise ValueError(
+                f"{name}.decide: Decision.keep_count must be >= 0, got {self.keep_count.tolist()}"
+            )
+        rate = self.rate.to(torch.float64)
+        if bool(((rate < 0) | (rate > 1) | rate.isnan()).any()):
+            raise ValueError(
+                f"{name}.decide: Decision.rate must be in [0, 1], got {self.rate.tolist()}"
+            )
 
 
 class Policy:
@@ -152,7 +166,7 @@ class FastV(Policy):
         if stats.step > 0:
             return None
         rate = torch.full_like(stats.num_image, self.r, dtype=torch.float32)
-        return Decision(keep_from_rate(stats.num_image, self.r), rate)
+        return Decision(keep_count_from_rate(stats.token_type, self.r), rate)
 
     def __repr__(self) -> str:
         return f"FastV(k={self.layer}, r={self.r})"
@@ -231,7 +245,7 @@ class AttentionMass(Policy):
         self.layer = int(k)
 
     def decide(self, stats: StepStats) -> Decision | None:
-        scores = torch.where(stats.token_type == IMAGE, stats.token_score, 0.0)
+        scores = torch.where(stats.token_type == TokenType.IMAGE, stats.token_score, 0.0)
         ordered = scores.sort(dim=1, descending=True).values.to(torch.float64)
         cum = ordered.cumsum(dim=1)
         total = cum[:, -1:]

@@ -13,13 +13,14 @@ import torch
 from dyrate_ext.policies import (
     VTW,
     AttentionMass,
+    Decision,
     DyRate,
     FastV,
     NoPrune,
     StepStats,
-    keep_from_rate,
 )
 from dyrate_ext.predictor import RatePredictor
+from dyrate_ext.prune import keep_count_from_rate
 
 
 def stats(type_mass, token_score, token_type, step=0) -> StepStats:
@@ -105,10 +106,31 @@ def test_fastv_and_vtw_decide_at_prefill_only():
     assert NoPrune().decide(stats(mass, score, types)) is None
 
 
-def test_keep_from_rate_matches_design():
-    n = torch.tensor([576, 7, 0])
-    assert keep_from_rate(n, 0.5).tolist() == [288, 4, 0]
-    assert keep_from_rate(n, torch.tensor([0.25, 1.0, 0.5])).tolist() == [432, 0, 0]
+def test_keep_count_from_rate_matches_design():
+    types = torch.full((3, 576), 2, dtype=torch.int8)
+    types[0, :] = 1
+    types[1, 10:17] = 1  # 7 image tokens; sample 2 has none
+    assert keep_count_from_rate(types, 0.5).tolist() == [288, 4, 0]
+    assert keep_count_from_rate(types, torch.tensor([0.25, 1.0, 0.5])).tolist() == [432, 0, 0]
+    for bad in (1.5, -0.1, [0.5, 2.0, 0.0]):
+        with pytest.raises(ValueError, match=r"rate must be in \[0, 1\]"):
+            keep_count_from_rate(types, bad)
+
+
+@pytest.mark.parametrize(
+    ("keep", "rate", "match"),
+    [
+        ([3, -1], [0.1, 0.2], r"Decision.keep_count must be >= 0, got \[3, -1\]"),
+        ([3, 1], [0.1, 1.5], r"Decision.rate must be in \[0, 1\], got \[0.1.*, 1.5\]"),
+        ([3, 1], [float("nan"), 0.5], r"Decision.rate must be in \[0, 1\]"),
+        ([3, 1, 2], [0.1, 0.5], r"Decision.keep_count must be a \[B=2\] tensor, got \(3,\)"),
+    ],
+)
+def test_decision_check_names_the_policy(keep, rate, match):
+    d = Decision(torch.tensor(keep), torch.tensor(rate))
+    with pytest.raises(ValueError, match=f"FastV.decide: {match}"):
+        d.check(FastV(2, 0.5), 2)
+    Decision(torch.tensor([3, 0]), torch.tensor([0.0, 1.0])).check(FastV(2, 0.5), 2)
 
 
 def test_attention_mass_keeps_fewest_covering_p():

@@ -1,5 +1,5 @@
-"""Entry point of `python -m dyrate_ext.demo`."""
+"""`python -m dyrate_ext.demo`: see `dyrate_ext.demo.cli`."""
 
-from ._main import main
+from .cli import main
 
 raise SystemExit(main())
