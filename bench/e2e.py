@@ -3,7 +3,7 @@
     python bench/e2e.py [--out bench/results/e2e.json] [--batch-sizes 1 4 16] ...
     python bench/e2e_report.py bench/results/e2e.json --readme README.md    (`make bench-e2e`)
 
-Model: the embedded LLaVA-1.5-shaped model of `dyrate_ext.embedded` (576 image tokens per
+Model: the embedded LLaVA-1.5-shaped model of `dyrate_ext.llava.embedded` (576 image tokens per
 336-pixel image, LLaVA-1.5's chat template, random weights from a fixed seed) with a decoder
 sized for a small CPU machine: 16 layers, width 512, 8 heads, MLP 1376, float32. A batch of B
 prompts has B different pictures and questions (so the prompts are left-padded).
@@ -32,8 +32,6 @@ Ratios to NoPrune come from the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 from collections.abc import Sequence
@@ -44,6 +42,8 @@ from typing import Any
 import torch
 
 from dyrate_ext.demo import make_policies, run_policy
+from dyrate_ext.flops import DecoderShape, trace_flops
+from dyrate_ext.llava import GenerateOutput, NoPrune, Policy
 from dyrate_ext.llava.embedded import (
     LLAVA_15_SYSTEM,
     EmbeddedConfig,
@@ -54,9 +54,7 @@ from dyrate_ext.llava.embedded import (
     hand_set_predictor,
     llava_prompt,
 )
-from dyrate_ext.flops import DecoderShape, trace_flops
-from dyrate_ext.llava import GenerateOutput, NoPrune, Policy
-from dyrate_ext.timing import describe_machine, git_commit
+from dyrate_ext.results import run_metadata, write_results
 
 QUESTIONS = (
     "Describe this image in detail.",
@@ -231,20 +229,18 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
     cfg = asdict(config)
     cfg["batch_sizes"] = list(config.batch_sizes)
-    meta = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": describe_machine(device),
-        "commit": git_commit(Path(__file__).parent),
-        "config": cfg,
-        "model": (
+    meta = run_metadata(
+        device,
+        config=cfg,
+        model=(
             f"embedded LLaVA-1.5-shaped model (random weights, seed {mcfg.seed}): "
             f"{mcfg.image_tokens} image tokens per image, decoder {mcfg.num_layers} layers, "
             f"hidden {mcfg.hidden_size}, MLP {mcfg.intermediate_size}, {mcfg.num_heads} heads "
             f"({mcfg.num_kv_heads} kv), {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
             f", {config.attn} attention"
         ),
-        "prompt_length": prompt_lengths,
-    }
+        prompt_length=prompt_lengths,
+    )
     return {"meta": meta, "rows": rows}
 
 
@@ -288,8 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     result["meta"]["command"] = "python bench/e2e.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result["meta"], result["rows"])
     for r in result["rows"]:
         print(
             f"B={r['batch']:>2} {r['policy']:<26} {r['tokens_per_s']:8.1f} tok/s "

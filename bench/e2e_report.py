@@ -9,12 +9,12 @@ FLOPs % and prefill time. With --readme it replaces the section between the e2e 
 
 from __future__ import annotations
 
-import sys
-
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
+
+from dyrate_ext.results import format_table, read_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from readme_sections import replace_section
@@ -23,14 +23,11 @@ from readme_sections import replace_section
 def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) -> list[str]:
     names = list(dict.fromkeys(r["policy"] for r in rows))
     by = {(r["policy"], r["batch"]): r for r in rows}
-    lines = [
-        f"| {header} | " + " | ".join(f"B={b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
+    body = [
+        [name, *(cell(by[(name, b)]) if (name, b) in by else "-" for b in batches)]
+        for name in names
     ]
-    for name in names:
-        cells = [cell(by[(name, b)]) if (name, b) in by else "-" for b in batches]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return [format_table([header, *(f"B={b}" for b in batches)], body)]
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -93,7 +90,7 @@ def main() -> None:
     ap.add_argument("results", type=Path, help="JSON written by bench/e2e.py")
     ap.add_argument("--readme", type=Path, help="replace the section between the e2e markers")
     args = ap.parse_args()
-    text = markdown(json.loads(args.results.read_text()))
+    text = markdown(read_results(args.results))
     args.results.with_suffix(".md").write_text(text)
     print(text)
     if args.readme:
