@@ -1,7 +1,13 @@
 // Argument checks shared by every backend (see checks.h).
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 namespace dyrate {
 namespace {
@@ -49,6 +55,152 @@ void check_index_pair(const at::Tensor& keep_index, const at::Tensor& new_length
   TORCH_CHECK(new_length.size(0) == keep_index.size(0), "new_length must have shape [B] = [",
               keep_index.size(0), "], got ", new_length.sizes());
   check_same_device(new_length, keep_index, "new_length", "keep_index");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory overlap. compact_ writes every tensor in place while other blocks (CUDA) or threads
+// (CPU) read the index tensors and write the other tensors, so no written byte may be reachable
+// through a second tensor of the call, or twice through one tensor.
+// ---------------------------------------------------------------------------------------------
+
+// Bytes [lo, hi) spanned by a non-empty tensor.
+struct ByteSpan {
+  int64_t lo, hi;
+};
+
+ByteSpan byte_span(const at::Tensor& t) {
+  const auto base = reinterpret_cast<intptr_t>(t.const_data_ptr());
+  int64_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const int64_t es = t.element_size();
+  return {static_cast<int64_t>(base) + lo * es, static_cast<int64_t>(base) + (hi + 1) * es};
+}
+
+// One dim a tensor steps over: its stride in bytes, its size, and the range of index
+// differences searched along it.
+struct Dim {
+  int64_t stride, size, lo, hi;
+};
+
+// Bytes read at each index: the whole last dim when it is contiguous, else one element.
+int64_t run_bytes(const at::Tensor& t) {
+  return (t.stride(-1) == 1 ? t.size(-1) : 1) * t.element_size();
+}
+
+void sort_by_stride(std::vector<Dim>& dims) {
+  std::sort(dims.begin(), dims.end(),
+            [](const Dim& x, const Dim& y) { return std::abs(x.stride) > std::abs(y.stride); });
+}
+
+// The stepped dims of t, largest stride first (the contiguous last dim is part of the run).
+std::vector<Dim> stepped_dims(const at::Tensor& t) {
+  std::vector<Dim> dims;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const bool in_run = d + 1 == t.dim() && t.stride(d) == 1;
+    if (t.size(d) > 1 && !in_run) dims.push_back({t.stride(d) * t.element_size(), t.size(d), 0, 0});
+  }
+  sort_by_stride(dims);
+  return dims;
+}
+
+int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  return a / b - ((a % b != 0) && (a < 0));
+}
+
+// Whether sum_k e_k * dims[k].stride lies in the open interval (lo, hi) for some integers e_k
+// in [dims[k].lo, dims[k].hi]. Exact; `budget` bounds the work, and running out of it answers
+// "yes", so a layout that cannot be proven safe is refused.
+bool lattice_hits(const std::vector<Dim>& dims, size_t k, int64_t lo, int64_t hi, int& budget) {
+  if (--budget < 0) return true;
+  if (k == dims.size()) return lo < 0 && 0 < hi;
+  int64_t inner_min = 0, inner_max = 0;  // reach of the dims after k
+  for (size_t j = k + 1; j < dims.size(); ++j) {
+    const int64_t x = dims[j].lo * dims[j].stride, y = dims[j].hi * dims[j].stride;
+    inner_min += std::min(x, y);
+    inner_max += std::max(x, y);
+  }
+  const int64_t s = dims[k].stride;
+  int64_t first = dims[k].lo, last = dims[k].hi;
+  if (s == 0) {
+    last = std::min(first, last);  // every e gives the same sum
+  } else {
+    // Keep e with e * s + inner_max > lo and e * s + inner_min < hi.
+    const int64_t m = std::abs(s), sign = s > 0 ? 1 : -1;
+    const int64_t x = sign * (lo - inner_max), y = sign * (hi - inner_min);
+    first = std::max(first, floor_div(std::min(x, y), m));
+    last = std::min(last, floor_div(std::max(x, y), m) + 1);
+  }
+  for (int64_t e = first; e <= last; ++e) {
+    if (lattice_hits(dims, k + 1, lo - e * s, hi - e * s, budget)) return true;
+  }
+  return false;
+}
+
+// Whether a tensor reaches some byte twice: expanded (stride 0) dims, or strides that fold onto
+// each other.
+bool may_self_overlap(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  if (at::has_internal_overlap(t) == at::MemOverlap::Yes) return true;
+  if (t.is_non_overlapping_and_dense()) return false;
+  std::vector<Dim> dims = stepped_dims(t);
+  const int64_t run = run_bytes(t);
+  // Two index vectors differ by e != 0 with |e_k| < n_k; their runs meet when
+  // |sum e_k s_k| < run. Searching the e whose first non-zero entry is positive covers all.
+  for (size_t lead = 0; lead < dims.size(); ++lead) {
+    for (size_t j = 0; j < dims.size(); ++j) {
+      dims[j].lo = j < lead ? 0 : (j == lead ? 1 : 1 - dims[j].size);
+      dims[j].hi = j < lead ? 0 : dims[j].size - 1;
+    }
+    int budget = 4096;
+    if (lattice_hits(dims, 0, -run, run, budget)) return true;
+  }
+  return false;
+}
+
+// Whether two tensors may share a byte. Exact for two views that step with the same strides (a
+// fused K/V buffer, slices of one cache); otherwise intersecting byte spans count as overlap.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const ByteSpan sa = byte_span(a), sb = byte_span(b);
+  if (sa.hi <= sb.lo || sb.hi <= sa.lo) return false;
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  if (status == at::MemOverlapStatus::No) return false;
+  if (status != at::MemOverlapStatus::TooHard || a.dim() != b.dim()) return true;
+  if (a.element_size() != b.element_size() || a.stride(-1) != b.stride(-1)) return true;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if ((a.size(d) > 1 || b.size(d) > 1) && a.stride(d) != b.stride(d)) return true;
+  }
+  // Same strides: a run of a at A + pa and one of b at B + pb meet when pb - pa lies in
+  // (A - B - run_b, A - B + run_a), where pb - pa = sum_k (ib_k - ia_k) s_k.
+  std::vector<Dim> dims;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    const bool in_run = d + 1 == a.dim() && a.stride(d) == 1;
+    if ((a.size(d) > 1 || b.size(d) > 1) && !in_run) {
+      dims.push_back({a.stride(d) * a.element_size(), 0, 1 - a.size(d), b.size(d) - 1});
+    }
+  }
+  sort_by_stride(dims);
+  const int64_t delta = static_cast<int64_t>(reinterpret_cast<intptr_t>(a.const_data_ptr())) -
+                        static_cast<int64_t>(reinterpret_cast<intptr_t>(b.const_data_ptr()));
+  int budget = 4096;
+  return lattice_hits(dims, 0, delta - run_bytes(b), delta + run_bytes(a), budget);
+}
+
+void check_no_self_overlap(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK(!may_self_overlap(t), name, " has internal memory overlap (e.g. an expanded, ",
+              "stride-0 dimension; strides ", t.strides(), "): compacting it in place would race; ",
+              "pass a tensor whose elements are distinct memory (e.g. .contiguous())");
+}
+
+void check_disjoint(const at::Tensor& a, const std::string& a_name, const at::Tensor& b,
+                    const std::string& b_name) {
+  TORCH_CHECK(!may_overlap(a, b), a_name, " and ", b_name,
+              " overlap in memory (views of one buffer sharing elements); compact_ writes in "
+              "place, so the result would depend on the order of the writes; pass disjoint "
+              "tensors");
 }
 
 }  // namespace
@@ -115,10 +267,14 @@ void check_compact_args(at::TensorList tensors, const at::Tensor& keep_index,
                 " like keep_index, got shape ", t.sizes());
     check_last_dim_contiguous(t, name.c_str());
     check_same_device(t, keep_index, name.c_str(), "keep_index");
+    check_no_self_overlap(t, name);
     for (size_t j = 0; j < i; ++j) {
       TORCH_CHECK(!(t.numel() > 0 && t.data_ptr() == tensors[j].data_ptr()), name,
                   " is the same memory as tensors[", j, "]; each tensor may be listed once");
+      check_disjoint(t, name, tensors[j], "tensors[" + std::to_string(j) + "]");
     }
+    check_disjoint(t, name, keep_index, "keep_index");
+    check_disjoint(t, name, new_length, "new_length");
   }
 }
 
@@ -127,6 +283,9 @@ void check_compact_token_type_args(const at::Tensor& token_type, const at::Tenso
   check_index_pair(keep_index, new_length);
   check_same_device(token_type, keep_index, "token_type", "keep_index");
   check_token_type_tensor(token_type, keep_index.size(0), keep_index.size(1), "token_type");
+  check_no_self_overlap(token_type, "token_type");
+  check_disjoint(token_type, "token_type", keep_index, "keep_index");
+  check_disjoint(token_type, "token_type", new_length, "new_length");
 }
 
 void check_token_type_values(const at::Tensor& token_type, int64_t num_types) {

@@ -342,3 +342,17 @@ def test_prune_pipeline_matches_cpu(emu, gen):
     assert torch.equal(types, types_cpu)
     for a, c in zip(cache, cache_cpu):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_compact_refuses_overlap(emu, case, gen):
+    """The CUDA glue shares the CPU's overlap checks: refused, both tensors named, unwritten."""
+    from test_compact import overlap_cases
+
+    types = random_token_type(2, 40, gen)
+    idx, n = compact_plan(types, gen)
+    tensors, match = overlap_cases(gen)[case]
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=match):
+        emu.compact_(tensors, idx, n)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
