@@ -1,13 +1,18 @@
 """Typed wrappers over torch.ops.dyrate.* and their fake (meta) implementations.
 
 Shapes: B batch, H_q / H_kv query / key-value heads, Q query rows, L cache slots, D head dim,
-T = num_types. token_type is int8 [B, L] with 0 system, 1 image, 2 instruction, 3 response and
--1 for an empty slot (left padding, past a sequence's end).
+T = num_types. token_type is int8 [B, L] of `TokenType` values: 0 system, 1 image,
+2 instruction, 3 response, -1 an empty slot (left padding, past a sequence's end).
+
+The ops are bound once, at import (an OpOverload each, no per-call lookup). The fake kernels
+repeat the shape and dtype checks of csrc/checks.cpp with `torch._check`, so a mismatch
+surfaces while `torch.compile` traces, with the same message as the eager op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,9 +20,22 @@ from torch import Tensor
 from . import _ext
 
 
-def _op(name: str):
-    _ext.require()
-    return getattr(torch.ops.dyrate, name)
+def _bind(name: str) -> Callable[..., Any]:
+    """torch.ops.dyrate.<name>.default, or a stand-in raising the build hint."""
+    if _ext.available():
+        return getattr(torch.ops.dyrate, name).default
+
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        _ext.require()
+
+    return missing
+
+
+_attention_stats = _bind("attention_stats")
+_attention_stats_from_probs = _bind("attention_stats_from_probs")
+_select_keep = _bind("select_keep")
+_compact = _bind("compact_")
+_compact_token_type = _bind("compact_token_type_")
 
 
 def attention_stats(
@@ -44,7 +62,7 @@ def attention_stats(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _op("attention_stats")(q, k, token_type, float(scale), num_types, causal)
+    return _attention_stats(q, k, token_type, float(scale), num_types, causal)
 
 
 def attention_stats_from_probs(
@@ -55,7 +73,7 @@ def attention_stats_from_probs(
     Returns type_mass float32 [B, H, T] and token_score float32 [B, L]; slots of type -1 are
     ignored and the probabilities are summed as given (not renormalised).
     """
-    return _op("attention_stats_from_probs")(probs, token_type, num_types)
+    return _attention_stats_from_probs(probs, token_type, num_types)
 
 
 def _as_counts(
@@ -94,19 +112,19 @@ def select_keep(
         new_length: int64 [B], the number of kept slots.
     """
     counts = _as_counts(keep_count, token_score.shape[0], token_score.device)
-    return _op("select_keep")(token_score, token_type, counts, target_type)
+    return _select_keep(token_score, token_type, counts, target_type)
 
 
 def compact_(tensors: Sequence[Tensor], keep_index: Tensor, new_length: Tensor) -> None:
     """In place, for each [B, H, L, D] tensor: slot s of row b takes old slot keep_index[b, s]
     for s < new_length[b]; later slots keep their old (finite) contents. One call for all layers.
     """
-    _op("compact_")(list(tensors), keep_index, new_length)
+    _compact(list(tensors), keep_index, new_length)
 
 
 def compact_token_type_(token_type: Tensor, keep_index: Tensor, new_length: Tensor) -> None:
     """In place: token_type [B, L] compacted like the cache, -1 from new_length[b] on."""
-    _op("compact_token_type_")(token_type, keep_index, new_length)
+    _compact_token_type(token_type, keep_index, new_length)
 
 
 def check_token_type(token_type: Tensor, num_types: int = 4) -> None:
@@ -129,36 +147,142 @@ def check_token_type(token_type: Tensor, num_types: int = 4) -> None:
         )
 
 
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_rank(t: Tensor, rank: int, name: str, shape: str) -> None:
+    torch._check(
+        t.dim() == rank,
+        lambda: f"{name} must have shape {shape} ({rank} dims), got shape {tuple(t.shape)}",
+    )
+
+
+def _check_token_type(token_type: Tensor, b: Any, length: Any) -> None:
+    _check_rank(token_type, 2, "token_type", "[B, L]")
+    torch._check(
+        token_type.dtype == torch.int8,
+        lambda: f"token_type must be int8, got {token_type.dtype}",
+    )
+    torch._check(
+        token_type.shape[0] == b and token_type.shape[1] == length,
+        lambda: (
+            f"token_type must have shape [B, L] = [{b}, {length}], got {tuple(token_type.shape)}"
+        ),
+    )
+
+
+def _check_num_types(num_types: int) -> None:
+    torch._check(1 <= num_types <= 64, lambda: f"num_types must be in [1, 64], got {num_types}")
+
+
+def _check_index_pair(keep_index: Tensor, new_length: Tensor) -> None:
+    _check_rank(keep_index, 2, "keep_index", "[B, L]")
+    _check_rank(new_length, 1, "new_length", "[B]")
+    torch._check(keep_index.dtype == torch.int64, lambda: "keep_index must be int64")
+    torch._check(new_length.dtype == torch.int64, lambda: "new_length must be int64")
+    torch._check(
+        new_length.shape[0] == keep_index.shape[0],
+        lambda: (
+            f"new_length must have shape [B] = [{keep_index.shape[0]}], got {tuple(new_length.shape)}"
+        ),
+    )
+
+
+def _attention_stats_fake(
+    q: Tensor, k: Tensor, token_type: Tensor, scale: float, num_types: int = 4, causal: bool = True
+) -> tuple[Tensor, Tensor]:
+    _check_rank(q, 4, "q", "[B, H_q, Q, D]")
+    _check_rank(k, 4, "k", "[B, H_kv, L, D]")
+    torch._check(
+        q.dtype in _CACHE_DTYPES, lambda: f"q must be float32, float16 or bfloat16, got {q.dtype}"
+    )
+    torch._check(
+        k.dtype == q.dtype, lambda: f"k must have the dtype of q ({q.dtype}), got {k.dtype}"
+    )
+    b, h_q, q_len, d = q.shape
+    torch._check(
+        k.shape[0] == b, lambda: f"k must have batch size B = {b} like q, got {k.shape[0]}"
+    )
+    torch._check(k.shape[3] == d, lambda: f"k must have head dim D = {d} like q, got {k.shape[3]}")
+    torch._check(
+        k.shape[1] >= 1 and h_q % k.shape[1] == 0,
+        lambda: (
+            f"q's head count H_q = {h_q} must be a multiple of k's head count H_kv = {k.shape[1]}"
+        ),
+    )
+    torch._check(
+        q_len <= k.shape[2],
+        lambda: f"q has Q = {q_len} query rows but k has only L = {k.shape[2]} slots",
+    )
+    _check_token_type(token_type, b, k.shape[2])
+    _check_num_types(num_types)
+    return (
+        q.new_empty((b, h_q, num_types), dtype=torch.float32),
+        q.new_empty((b, k.shape[2]), dtype=torch.float32),
+    )
+
+
+def _stats_from_probs_fake(
+    probs: Tensor, token_type: Tensor, num_types: int = 4
+) -> tuple[Tensor, Tensor]:
+    _check_rank(probs, 4, "probs", "[B, H, Q, L]")
+    torch._check(
+        probs.dtype in (*_CACHE_DTYPES, torch.float64),
+        lambda: f"probs must be float32, float16, bfloat16 or float64, got {probs.dtype}",
+    )
+    b, h, _, length = probs.shape
+    _check_token_type(token_type, b, length)
+    _check_num_types(num_types)
+    return (
+        probs.new_empty((b, h, num_types), dtype=torch.float32),
+        probs.new_empty((b, length), dtype=torch.float32),
+    )
+
+
+def _select_keep_fake(
+    token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = 1
+) -> tuple[Tensor, Tensor]:
+    _check_rank(token_score, 2, "token_score", "[B, L]")
+    torch._check(
+        token_score.dtype == torch.float32,
+        lambda: f"token_score must be float32, got {token_score.dtype}",
+    )
+    b, length = token_score.shape
+    _check_token_type(token_type, b, length)
+    _check_rank(keep_count, 1, "keep_count", "[B]")
+    torch._check(keep_count.dtype == torch.int64, lambda: "keep_count must be int64")
+    torch._check(
+        keep_count.shape[0] == b,
+        lambda: f"keep_count must have shape [B] = [{b}], got {tuple(keep_count.shape)}",
+    )
+    return (
+        token_score.new_empty((b, length), dtype=torch.int64),
+        token_score.new_empty((b,), dtype=torch.int64),
+    )
+
+
+def _compact_fake(tensors: list[Tensor], keep_index: Tensor, new_length: Tensor) -> None:
+    _check_index_pair(keep_index, new_length)
+    b, length = keep_index.shape
+    for i, t in enumerate(tensors):
+        _check_rank(t, 4, f"tensors[{i}]", "[B, H, L, D]")
+        torch._check(
+            t.shape[0] == b and t.shape[2] == length,
+            lambda i=i, t=t: (
+                f"tensors[{i}] must have B = {b} and L = {length} like keep_index, "
+                f"got shape {tuple(t.shape)}"
+            ),
+        )
+
+
+def _compact_token_type_fake(token_type: Tensor, keep_index: Tensor, new_length: Tensor) -> None:
+    _check_index_pair(keep_index, new_length)
+    _check_token_type(token_type, keep_index.shape[0], keep_index.shape[1])
+
+
 if _ext.available():
-
-    @torch.library.register_fake("dyrate::attention_stats")
-    def _attention_stats_fake(q, k, token_type, scale, num_types=4, causal=True):
-        b, h_q = q.shape[0], q.shape[1]
-        return (
-            q.new_empty((b, h_q, num_types), dtype=torch.float32),
-            q.new_empty((b, k.shape[2]), dtype=torch.float32),
-        )
-
-    @torch.library.register_fake("dyrate::attention_stats_from_probs")
-    def _stats_from_probs_fake(probs, token_type, num_types=4):
-        b, h, _, l_len = probs.shape
-        return (
-            probs.new_empty((b, h, num_types), dtype=torch.float32),
-            probs.new_empty((b, l_len), dtype=torch.float32),
-        )
-
-    @torch.library.register_fake("dyrate::select_keep")
-    def _select_keep_fake(token_score, token_type, keep_count, target_type=1):
-        b, l_len = token_score.shape
-        return (
-            token_score.new_empty((b, l_len), dtype=torch.int64),
-            token_score.new_empty((b,), dtype=torch.int64),
-        )
-
-    @torch.library.register_fake("dyrate::compact_")
-    def _compact_fake(tensors, keep_index, new_length):
-        return None
-
-    @torch.library.register_fake("dyrate::compact_token_type_")
-    def _compact_token_type_fake(token_type, keep_index, new_length):
-        return None
+    torch.library.register_fake("dyrate::attention_stats")(_attention_stats_fake)
+    torch.library.register_fake("dyrate::attention_stats_from_probs")(_stats_from_probs_fake)
+    torch.library.register_fake("dyrate::select_keep")(_select_keep_fake)
+    torch.library.register_fake("dyrate::compact_")(_compact_fake)
+    torch.library.register_fake("dyrate::compact_token_type_")(_compact_token_type_fake)
