@@ -44,6 +44,27 @@ class PruneResult:
     length: int | None
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work on `device` is being captured into a CUDA graph right now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _small_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[len(values)] on `device` from Python numbers, without waiting for the device.
+
+    Outside a CUDA graph capture: one non-blocking copy (a blocking one would wait for the
+    whole stream). Under capture a host-to-device copy of a pageable buffer is illegal (or
+    replays a freed buffer), so each value becomes a fill kernel and is baked into the graph,
+    as a scalar rate already is.
+    """
+    if not _capturing(device):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
+
+
 def keep_count_from_rate(
     token_type: Tensor, rate: float | Sequence[float] | Tensor, target_type: int = 1
 ) -> Tensor:
@@ -67,8 +88,7 @@ def keep_count_from_rate(
             # A fill kernel: no host-to-device copy, so no sync and capturable in a CUDA graph.
             r = torch.full((), values[0], dtype=torch.float64, device=token_type.device)
         else:
-            # Non-blocking: a blocking copy to a GPU would wait for the whole stream.
-            r = torch.tensor(values, dtype=torch.float64).to(token_type.device, non_blocking=True)
+            r = _small_tensor(values, torch.float64, token_type.device)
     return n - torch.floor(r * n.to(torch.float64)).to(torch.int64)
 
 
@@ -124,7 +144,9 @@ def prune_kv(
         scale, causal, num_types: as in attention_stats.
         target_type: the token type being pruned.
         narrow: return views narrowed to max(new_length) (one host sync). With narrow=False
-            nothing synchronises with the host, so the call can be captured in a CUDA graph.
+            nothing synchronises with the host, so the call can be captured in a CUDA graph
+            with every form of rate and keep_count (Python numbers, lists of them, or device
+            tensors); numbers given as Python values are baked into the graph.
 
     Returns:
         PruneResult. Nothing is written when an argument is invalid.
@@ -147,6 +169,10 @@ def prune_kv(
         type_mass, token_score = ops.attention_stats_from_probs(probs, token_type, num_types)
     if rate is not None:
         counts = keep_count_from_rate(token_type, rate, target_type)
+    elif isinstance(keep_count, (list, tuple)):
+        if any(int(c) < 0 for c in keep_count):
+            raise ValueError(f"keep_count must be >= 0, got {list(keep_count)}")
+        counts = _small_tensor([int(c) for c in keep_count], torch.int64, token_type.device)
     else:
         counts = keep_count
     keep_index, new_length = ops.select_keep(token_score, token_type, counts, target_type)

@@ -467,7 +467,10 @@ def _restore(dst_cache, src_cache, dst_types, src_types):
 
 
 @cuda_only
-@pytest.mark.parametrize("amount", ["rate", "rate_tensor", "keep_count_tensor", "keep_count_int"])
+@pytest.mark.parametrize(
+    "amount",
+    ["rate", "rate_tensor", "rate_list", "keep_count_tensor", "keep_count_int", "keep_count_list"],
+)
 def test_prune_kv_no_host_sync(amount, gen):
     """prune_kv(narrow=False) never waits for the device, whatever the form of the amount."""
     types, cache, q = llava_case(gen, 2, torch.float16)
@@ -478,6 +481,8 @@ def test_prune_kv_no_host_sync(amount, gen):
         "rate_tensor": {"rate": dev(torch.tensor([0.5, 0.3]))},
         "keep_count_tensor": {"keep_count": dev(torch.tensor([10, 50]))},
         "keep_count_int": {"keep_count": 20},
+        "rate_list": {"rate": [0.5, 0.3]},
+        "keep_count_list": {"keep_count": [10, 50]},
     }[amount]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -489,17 +494,27 @@ def test_prune_kv_no_host_sync(amount, gen):
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("form", ["keep_count", "rate"])
+@pytest.mark.parametrize(
+    "form", ["keep_count", "keep_count_int", "keep_count_list", "rate", "rate_list", "rate_tensor"]
+)
 def test_prune_kv_cuda_graph_replay_matches_eager(form, dtype, gen):
+    """Every documented form of the amount captures, and two replays equal the eager call.
+    Python numbers (a float, an int, lists of them) become fill kernels baked into the graph:
+    a host-to-device copy of a pageable list would fail under capture or replay a freed
+    buffer."""
     types0, cache0, q = llava_case(gen, 2, dtype)
     cache0, types0, q = to_dev(cache0), dev(types0), dev(q)
     key = cache0[0][0].clone()
-    if form == "keep_count":
-        amount = {
+    amount = {
+        "keep_count": {
             "keep_count": dyrate_ext.keep_count_from_rate(types0, dev(torch.tensor([0.5, 0.25])))
-        }
-    else:
-        amount = {"rate": 0.4}  # a Python float: a fill kernel inside the graph, no copy
+        },
+        "keep_count_int": {"keep_count": 40},
+        "keep_count_list": {"keep_count": [70, 13]},
+        "rate": {"rate": 0.4},
+        "rate_list": {"rate": [0.3, 0.9]},
+        "rate_tensor": {"rate": dev(torch.tensor([0.6, 0.1]))},
+    }[form]
 
     eager_cache = [(k.clone(), v.clone()) for k, v in cache0]
     eager_types = types0.clone()

@@ -106,3 +106,40 @@ def test_bad_arguments_leave_everything_untouched(gen):
     flat = [t for pair in cache for t in pair]
     assert all(torch.equal(a, b) for a, b in zip(flat, snapshot[0]))
     assert torch.equal(types, snapshot[1])
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [{"rate": [0.5, 0.1, 1.0]}, {"rate": (0.2, 0.0, 0.7)}, {"keep_count": [3, 0, 40]}],
+)
+def test_list_forms_under_capture_copy_nothing_from_the_host(amount, gen, monkeypatch):
+    """Under CUDA-graph capture a list-valued rate or keep_count must not be copied from
+    pageable host memory: prune_kv builds it with fill kernels instead. The capture state is
+    faked here (the decision is the same code on every device); the real capture + replays run
+    in test_cuda_ops.py."""
+    from dyrate_ext import prune
+
+    types, cache, q = setup_case(gen)
+    expected_cache = [(k.clone(), v.clone()) for k, v in cache]
+    expected_types = types.clone()
+    key = cache[0][0].clone()
+    eager = dyrate_ext.prune_kv(expected_cache, expected_types, query=q, key=key, **amount)
+
+    def no_host_copy(*args, **kwargs):
+        raise AssertionError("torch.tensor (a host buffer) used under capture")
+
+    monkeypatch.setattr(prune, "_capturing", lambda device: True)
+    monkeypatch.setattr(prune.torch, "tensor", no_host_copy)
+    res = dyrate_ext.prune_kv(cache, types, query=q, key=key, **amount)
+    monkeypatch.undo()
+    assert torch.equal(res.new_length, eager.new_length)
+    assert torch.equal(res.keep_index, eager.keep_index)
+    assert torch.equal(types, expected_types)
+    for (k, v), (ek, ev) in zip(cache, expected_cache):
+        assert torch.equal(k, ek) and torch.equal(v, ev)
+
+
+def test_capture_state_is_false_off_cuda():
+    from dyrate_ext import prune
+
+    assert prune._capturing(torch.device("cpu")) is False
