@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -66,16 +66,10 @@ def extension():
 if shutil.which("ninja") is None:
     print("dyrate_ext: ninja not found; the build will be slow (pip install ninja)")
 
+# Metadata, dependencies and extras live in pyproject.toml; this file only adds the extension.
 setup(
-    name="dyrate_ext",
-    version="0.1.0",
-    description="Dynamic visual-token pruning kernels for vision-language model decoding",
-    packages=find_packages(include=["dyrate_ext", "dyrate_ext.*"]),
     ext_modules=[extension()],
     cmdclass={
         "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     },
-    python_requires=">=3.10",
-    install_requires=["torch>=2.13"],
-    extras_require={"llava": ["transformers>=5,<6", "safetensors"]},
 )

@@ -195,7 +195,7 @@ class FlopsCount:
         return 100.0 * self.total / baseline.total
 
 
-def _as_int64(x: Tensor | int | Sequence[int]) -> Tensor:
+def _as_int64(x: Tensor | int | Sequence[int] | Sequence[Sequence[int]]) -> Tensor:
     return torch.as_tensor(x, dtype=torch.int64, device="cpu")
 
 

@@ -265,13 +265,12 @@ def _compact_fake(tensors: list[Tensor], keep_index: Tensor, new_length: Tensor)
     _check_index_pair(keep_index, new_length)
     b, length = keep_index.shape
     for i, t in enumerate(tensors):
-        _check_rank(t, 4, f"tensors[{i}]", "[B, H, L, D]")
+        name = f"tensors[{i}]"
+        _check_rank(t, 4, name, "[B, H, L, D]")
+        shape = tuple(t.shape)
         torch._check(
             t.shape[0] == b and t.shape[2] == length,
-            lambda i=i, t=t: (
-                f"tensors[{i}] must have B = {b} and L = {length} like keep_index, "
-                f"got shape {tuple(t.shape)}"
-            ),
+            lambda: f"{name} must have B = {b} and L = {length} like keep_index, got shape {shape}",
         )
 
 

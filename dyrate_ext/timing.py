@@ -41,7 +41,8 @@ class StepClock:
     """
 
     def __init__(self, model: nn.Module, on_step: Callable[[], Any] | None = None) -> None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
         head = head if head is not None else getattr(model, "lm_head", None)
         if not isinstance(head, nn.Module):
             raise TypeError(f"{type(model).__name__} has no LM head to hook")
