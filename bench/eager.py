@@ -2,7 +2,7 @@
 
 Device-generic and free of host synchronisation except where noted. Benchmarks time these
 against the ops after checking that both give the same result; python_tests/test_bench.py
-checks that on small shapes. Shapes follow DESIGN.md ([B, H, L, D] caches, int8 [B, L] types).
+checks that on small shapes. Shapes follow docs/DESIGN.md ([B, H, L, D] caches, int8 [B, L] types).
 """
 
 from __future__ import annotations

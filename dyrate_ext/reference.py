@@ -1,9 +1,9 @@
-"""Plain-PyTorch reference of every dyrate op: the executable form of DESIGN.md.
+"""Plain-PyTorch reference of every dyrate op: the executable form of docs/DESIGN.md.
 
 Readable rather than fast. Every function accepts float64 inputs, so tests can compare the
 compiled kernels against a float64 oracle. Nothing here is used by the fast paths.
 
-Shapes (see DESIGN.md):
+Shapes (see docs/DESIGN.md):
     q            [B, H_q, Q, D]
     k            [B, H_kv, L, D]
     probs        [B, H, Q, L]
@@ -72,7 +72,7 @@ def attention_stats(
 def select_keep(
     token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = 1
 ) -> tuple[Tensor, Tensor]:
-    """(keep_index int64 [B, L], new_length int64 [B]) following DESIGN.md's select_keep."""
+    """(keep_index int64 [B, L], new_length int64 [B]) following docs/DESIGN.md's select_keep."""
     b, l_len = token_type.shape
     keep_index = torch.full((b, l_len), -1, dtype=torch.int64)
     new_length = torch.zeros(b, dtype=torch.int64)

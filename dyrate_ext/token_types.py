@@ -1,4 +1,4 @@
-"""Slot types of the KV cache: one int8 per slot, `token_type [B, L]` (DESIGN.md, Cache layout).
+"""Slot types of the KV cache: one int8 per slot, `token_type [B, L]` (docs/DESIGN.md, Cache layout).
 
 `TokenType` is the one definition the ops' callers, the policies, the decoding loops and the
 tests share. The values are the kernels' contract: 0..3 are real tokens, -1 an empty slot.
