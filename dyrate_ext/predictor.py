@@ -9,7 +9,8 @@ token). Inference takes the argmax. Training (straight-through Gumbel-Softmax, p
 lives elsewhere; an untrained or hand-initialised predictor runs as is.
 
 Weights are saved with safetensors, the shape in the file's metadata, so `RatePredictor.load`
-needs nothing but the path. safetensors is imported only by `save` and `load`.
+needs nothing but the path; `save(path, metadata=...)` adds entries such as what a trained
+predictor was trained for, read back with `RatePredictor.metadata(path)`. safetensors is imported only by `save` and `load`.
 """
 
 from __future__ import annotations
@@ -95,8 +96,12 @@ class RatePredictor(nn.Module):
         """int64 [B]: the argmax class per sample (rate = class / K)."""
         return self.forward(type_mass).argmax(dim=-1)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the weights and the shape (as metadata) to a safetensors file."""
+    def save(self, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
+        """Write the weights and the shape (as metadata) to a safetensors file.
+
+        `metadata` adds string entries (e.g. what the predictor was trained for: k, budget,
+        model); `metadata(path)` reads them back. The shape keys cannot be overridden.
+        """
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -106,7 +111,24 @@ class RatePredictor(nn.Module):
             "num_rates": str(self.num_rates),
             "num_types": str(self.num_types),
         }
-        save_file(tensors, os.fspath(path), metadata=meta)
+        extra = dict(metadata or {})
+        clash = sorted(set(extra) & set(meta))
+        if clash:
+            raise ValueError(f"metadata keys {clash} are reserved for the predictor's shape")
+        bad = sorted(
+            k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)
+        )
+        if bad:
+            raise ValueError(f"metadata keys and values must be strings; bad entries: {bad}")
+        save_file(tensors, os.fspath(path), metadata={**meta, **extra})
+
+    @staticmethod
+    def metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+        """All metadata of a file written by `save` (the shape keys and any extra entries)."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
 
     @classmethod
     def load(

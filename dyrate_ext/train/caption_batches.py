@@ -1,0 +1,115 @@
+"""Caption examples -> teacher-forcing batches (`CaptionBatch`) for predictor training.
+
+An example is (image, question, references). They come from a COCO caption file
+(`dyrate_ext.data.load_coco`: COCO, Flickr30K or NoCaps in that format, or a set exported by
+`dyrate_ext.data.export_coco`) or straight from the embedded procedural split
+(`dyrate_ext.data.load_split`, nothing written to disk). Each image contributes one reference
+per epoch-independent batch, picked by the seed. The prompt is LLaVA-1.5's template around the
+question (`dyrate_ext.llava.embedded.PROMPT_TEMPLATE`, with or without its system prompt); the
+caption is tokenised without special tokens, then the stop token, cut to `max_caption_tokens`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .masked_forward import CaptionBatch
+
+__all__ = ["Example", "build_batches", "load_examples"]
+
+
+@dataclass
+class Example:
+    """One image with its question and reference captions."""
+
+    image: Image.Image
+    question: str
+    refs: list[str]
+
+
+def load_examples(
+    data: str | os.PathLike[str] | None,
+    limit: int | None,
+    split: str = "train",
+    style: str = "redundant",
+) -> list[Example]:
+    """Examples of a COCO caption file/folder (`data`), or of the embedded procedural `split`
+    and `style` when `data` is None. `limit` keeps the first `limit` images."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if data is None:
+        from ..data import load_split
+
+        samples = load_split(split, n=limit if limit is not None else 512, style=style)
+        return [Example(s.load_image(), s.prompt, list(s.captions)) for s in samples]
+    from ..data import load_coco
+
+    coco = load_coco(data)
+    ids = coco.image_ids if limit is None else coco.image_ids[:limit]
+    return [Example(coco.image(i), coco.prompt, list(coco.refs[i])) for i in ids]
+
+
+def _prompt(question: str, system: bool) -> str:
+    from ..llava.embedded import LLAVA_15_SYSTEM, PROMPT_TEMPLATE
+
+    return PROMPT_TEMPLATE.format(system=f"{LLAVA_15_SYSTEM} " if system else "", question=question)
+
+
+def build_batches(
+    examples: list[Example],
+    processor: Any,
+    batch_size: int,
+    max_caption_tokens: int = 64,
+    seed: int = 0,
+    system_prompt: bool = True,
+) -> list[CaptionBatch]:
+    """Fixed batches (examples in order, one seeded reference each), prompts left-padded and
+    captions right-padded with the tokenizer's pad id."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_caption_tokens < 1:
+        raise ValueError(f"max_caption_tokens must be >= 1, got {max_caption_tokens}")
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id: captions need a stop token")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    rng = random.Random(seed)
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        texts = [_prompt(e.question, system_prompt) for e in chunk]
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = processor(
+                text=texts, images=[e.image for e in chunk], return_tensors="pt", padding=True
+            )
+        finally:
+            tok.padding_side = old_side
+        caps = []
+        for e in chunk:
+            ids = tok(rng.choice(e.refs), add_special_tokens=False).input_ids
+            caps.append([*ids, eos][:max_caption_tokens])
+        width = max(len(c) for c in caps)
+        cap_ids = torch.full((len(caps), width), pad, dtype=torch.int64)
+        cap_mask = torch.zeros((len(caps), width), dtype=torch.int64)
+        for i, c in enumerate(caps):
+            cap_ids[i, : len(c)] = torch.tensor(c)
+            cap_mask[i, : len(c)] = 1
+        batches.append(
+            CaptionBatch(
+                enc["input_ids"],
+                enc["attention_mask"],
+                enc["pixel_values"],
+                cap_ids,
+                cap_mask,
+            )
+        )
+    return batches
