@@ -9,13 +9,16 @@ exactly once per step (step 0: the prefill's last position; step t: the token fe
     clock.prefill_seconds, clock.decode_seconds, clock.decode_steps
 
 On a CUDA model every hook call synchronises the device first, so the times are the GPU's.
-`describe_machine` and `git_commit` say where and from what a measurement came.
+`median_ms` is the one timer of the benchmarks (CUDA events on a GPU, the host clock on the
+CPU) and `copy_bandwidth` the one bandwidth probe they compare against; `describe_machine` and
+`git_commit` say where and from what a measurement came.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["StepClock", "describe_machine", "git_commit"]
+__all__ = ["StepClock", "copy_bandwidth", "describe_machine", "git_commit", "median_ms"]
 
 
 class StepClock:
@@ -93,6 +96,51 @@ class StepClock:
     def decode_steps(self) -> int:
         """Decoding steps timed (LM-head calls after the prefill's)."""
         return max(len(self.times) - 1, 0)
+
+
+def median_ms(
+    fn: Callable[[], object],
+    setup: Callable[[], object] | None = None,
+    warmup: int = 1,
+    iters: int = 7,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Median milliseconds of `fn` over `iters` timed runs after `warmup` untimed ones; each
+    run is preceded by an untimed `setup()` (e.g. undoing an in-place op). On a CUDA device the
+    time is the GPU's, between two CUDA events; elsewhere the host's perf_counter."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
+    cuda = torch.device(device).type == "cuda"
+    times = []
+    for i in range(warmup + iters):
+        if setup is not None:
+            setup()
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> float:
+    """The device's copy bandwidth in bytes/s, read + written, of a `nbytes` float32 copy_
+    (median of 7 runs): the yardstick for the bytes a memory-bound op moves."""
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = median_ms(lambda: dst.copy_(src), warmup=2, iters=7, device=device)
+    return 2 * n * 4 / (ms * 1e-3)
 
 
 def describe_machine(device: torch.device | str = "cpu") -> str:

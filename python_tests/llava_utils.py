@@ -1,8 +1,9 @@
 """Tiny LLaVA models built offline from configs, prompts, and a masked reference decoder.
 
-Models: CLIP vision (32x32 images, 4x4 patches: a grid of 64 image tokens) + a 4-layer Llama
-(hidden 64, 4 heads; `kv_heads=2` gives grouped-query attention), random weights from a fixed
-seed. The text weights are re-drawn larger than HF's default init (q/k std 0.1) so attention
+Models: the embedded builder (`dyrate_ext.llava.embedded`) at test size: CLIP vision (32x32
+images, 4x4 patches: a grid of 64 image tokens) + a 4-layer Llama (hidden 64, 4 heads;
+`kv_heads=2` gives grouped-query attention), random weights from a fixed seed. The text
+weights are re-drawn larger than HF's default init (q/k std 0.1) so attention
 is peaked: image-token scores then differ clearly, keep decisions do not hinge on rounding,
 and adaptive policies pick different keep counts for different samples.
 
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
+
+from dyrate_ext.llava.embedded import EmbeddedConfig, embedded_llava
 
 IMAGE_TOKEN = 199
 VOCAB = 200
@@ -34,42 +37,27 @@ def tiny_llava(
     image_size: int = 32,
     num_layers: int = NUM_LAYERS,
 ) -> LlavaForConditionalGeneration:
-    """A float32 LlavaForConditionalGeneration in eval mode, deterministic for a seed.
+    """The embedded builder at test size: a float32 LlavaForConditionalGeneration in eval
+    mode, deterministic for a seed.
 
     The image grid is (image_size / 4)^2 tokens: 64 by default, 576 (LLaVA-1.5's) for 96.
     """
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=4,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
+    config = EmbeddedConfig(
+        num_layers=num_layers,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=kv_heads,
-        vocab_size=VOCAB,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        num_heads=NUM_HEADS,
+        num_kv_heads=kv_heads,
+        image_size=image_size,
+        patch_size=4,
+        vision_hidden_size=32,
+        vision_layers=2,
+        qk_std=0.1,
+        std=0.02,
+        seed=seed,
+        attn_implementation=attn,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-    model = LlavaForConditionalGeneration(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
-                std = 0.1 if ("q_proj" in name or "k_proj" in name) else 0.02
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    model.set_attn_implementation(attn)
-    return model
+    return embedded_llava(config, vocab_size=VOCAB, image_token_id=IMAGE_TOKEN)
 
 
 @dataclass

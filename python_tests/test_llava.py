@@ -30,6 +30,7 @@ from llava_utils import (
 from dyrate_ext.llava import (
     VTW,
     AttentionMass,
+    Decision,
     DyRate,
     FastV,
     NoPrune,
@@ -346,6 +347,22 @@ def test_untrained_predictor_runs(models):
 
 
 # ---- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keep", "rate", "match"),
+    [(-1, 0.5, r"keep_count must be >= 0"), (3, 1.5, r"rate must be in \[0, 1\]")],
+)
+def test_custom_policy_with_a_bad_decision_is_refused(models, keep, rate, match):
+    class Bad(FastV):
+        def decide(self, stats):
+            if stats.step < 2:
+                return super().decide(stats)
+            n = stats.num_image.shape[0]
+            return Decision(torch.full((n,), keep), torch.full((n,), rate))
+
+    with pytest.raises(ValueError, match=f"Bad.decide: Decision.{match}"):
+        run(models(2, "eager"), prompts(2), Bad(2, 0.5))
 
 
 def test_bad_input_errors(models):
