@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test test-full demo bench bench-quick bench-e2e build other-builds lint format clean
+.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -54,6 +54,13 @@ test-full: build other-builds
 demo: build
 	$(VPY) -m dyrate_ext.demo
 
+# The README's demo section: the demo at its defaults, 3 repeats, table and plot.
+demo-readme: build
+	mkdir -p build/demo
+	$(VPY) -m dyrate_ext.demo --repeats 3 --plot docs/demo_kept_image_tokens.png \
+		--json docs/demo.json --markdown build/demo/section.md
+	$(VPY) tools/readme_sections.py README.md demo build/demo/section.md
+
 bench-quick: build
 	$(VPY) bench/demo.py
 
@@ -70,6 +77,7 @@ bench: build
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py
 	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/mypy
 	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 format: $(VENV)/.deps
