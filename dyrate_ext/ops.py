@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from .token_types import NUM_TYPES, TokenType
 
 
 def _bind(name: str) -> Callable[..., Any]:
@@ -43,7 +44,7 @@ def attention_stats(
     k: Tensor,
     token_type: Tensor,
     scale: float | None = None,
-    num_types: int = 4,
+    num_types: int = NUM_TYPES,
     causal: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """FastV token score and per-head per-type attention mass, without an [B, H, Q, L] matrix.
@@ -66,7 +67,7 @@ def attention_stats(
 
 
 def attention_stats_from_probs(
-    probs: Tensor, token_type: Tensor, num_types: int = 4
+    probs: Tensor, token_type: Tensor, num_types: int = NUM_TYPES
 ) -> tuple[Tensor, Tensor]:
     """The outputs of attention_stats from probabilities [B, H, Q, L] the caller already has.
 
@@ -96,7 +97,7 @@ def select_keep(
     token_score: Tensor,
     token_type: Tensor,
     keep_count: int | Sequence[int] | Tensor,
-    target_type: int = 1,
+    target_type: int = TokenType.IMAGE,
 ) -> tuple[Tensor, Tensor]:
     """Which slots survive: every slot of type >= 0 other than target_type, plus the
     min(keep_count[b], n_b) target slots with the highest score (ties: lower slot wins).
@@ -127,7 +128,7 @@ def compact_token_type_(token_type: Tensor, keep_index: Tensor, new_length: Tens
     _compact_token_type(token_type, keep_index, new_length)
 
 
-def check_token_type(token_type: Tensor, num_types: int = 4) -> None:
+def check_token_type(token_type: Tensor, num_types: int = NUM_TYPES) -> None:
     """Raise ValueError unless every value of token_type is in [-1, num_types).
 
     The CPU ops check this themselves. The CUDA ops do not (it would cost a host sync per
@@ -189,7 +190,12 @@ def _check_index_pair(keep_index: Tensor, new_length: Tensor) -> None:
 
 
 def _attention_stats_fake(
-    q: Tensor, k: Tensor, token_type: Tensor, scale: float, num_types: int = 4, causal: bool = True
+    q: Tensor,
+    k: Tensor,
+    token_type: Tensor,
+    scale: float,
+    num_types: int = NUM_TYPES,
+    causal: bool = True,
 ) -> tuple[Tensor, Tensor]:
     _check_rank(q, 4, "q", "[B, H_q, Q, D]")
     _check_rank(k, 4, "k", "[B, H_kv, L, D]")
@@ -223,7 +229,7 @@ def _attention_stats_fake(
 
 
 def _stats_from_probs_fake(
-    probs: Tensor, token_type: Tensor, num_types: int = 4
+    probs: Tensor, token_type: Tensor, num_types: int = NUM_TYPES
 ) -> tuple[Tensor, Tensor]:
     _check_rank(probs, 4, "probs", "[B, H, Q, L]")
     torch._check(
@@ -240,7 +246,7 @@ def _stats_from_probs_fake(
 
 
 def _select_keep_fake(
-    token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = 1
+    token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = TokenType.IMAGE
 ) -> tuple[Tensor, Tensor]:
     _check_rank(token_score, 2, "token_score", "[B, L]")
     torch._check(
@@ -267,11 +273,16 @@ def _compact_fake(tensors: list[Tensor], keep_index: Tensor, new_length: Tensor)
     for i, t in enumerate(tensors):
         name = f"tensors[{i}]"
         _check_rank(t, 4, name, "[B, H, L, D]")
-        shape = tuple(t.shape)
-        torch._check(
+        _check_now(
             t.shape[0] == b and t.shape[2] == length,
-            lambda: f"{name} must have B = {b} and L = {length} like keep_index, got shape {shape}",
+            f"{name} must have B = {b} and L = {length} like keep_index, got shape "
+            f"{tuple(t.shape)}",
         )
+
+
+def _check_now(condition: Any, message: str) -> None:
+    """torch._check with a message built by the caller (inside loops)."""
+    torch._check(condition, lambda: message)
 
 
 def _compact_token_type_fake(token_type: Tensor, keep_index: Tensor, new_length: Tensor) -> None:

@@ -20,6 +20,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from .token_types import NUM_TYPES
+
 _FORMAT = "dyrate.RatePredictor/1"
 
 
@@ -32,7 +34,7 @@ class RatePredictor(nn.Module):
         num_types: T, token types per head (4: system, image, instruction, response).
     """
 
-    def __init__(self, num_heads: int, num_rates: int, num_types: int = 4) -> None:
+    def __init__(self, num_heads: int, num_rates: int, num_types: int = NUM_TYPES) -> None:
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -47,7 +49,7 @@ class RatePredictor(nn.Module):
 
     @classmethod
     def from_image_mass(
-        cls, num_heads: int, num_rates: int, high: float, low: float, num_types: int = 4
+        cls, num_heads: int, num_rates: int, high: float, low: float, num_types: int = NUM_TYPES
     ) -> RatePredictor:
         """A hand-set predictor: the class nearest `(K-1) * (high - m) / (high - low)`, clipped
         to [0, K-1], where m is the image attention mass averaged over heads.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .token_types import NUM_TYPES, TokenType
+
 
 def allowed_mask(token_type: Tensor, q_len: int, causal: bool = True) -> Tensor:
     """bool [B, Q, L]: which slots query row i may attend to."""
@@ -44,7 +46,7 @@ def attention_probs(
 
 
 def stats_from_probs(
-    probs: Tensor, token_type: Tensor, num_types: int = 4
+    probs: Tensor, token_type: Tensor, num_types: int = NUM_TYPES
 ) -> tuple[Tensor, Tensor]:
     """(type_mass [B, H, T], token_score [B, L]) from probabilities [B, H, Q, L]."""
     _, h, q_len, _ = probs.shape
@@ -61,7 +63,7 @@ def attention_stats(
     k: Tensor,
     token_type: Tensor,
     scale: float,
-    num_types: int = 4,
+    num_types: int = NUM_TYPES,
     causal: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """FastV token score and per-head per-type attention mass, computed in q's dtype."""
@@ -70,7 +72,7 @@ def attention_stats(
 
 
 def select_keep(
-    token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = 1
+    token_score: Tensor, token_type: Tensor, keep_count: Tensor, target_type: int = TokenType.IMAGE
 ) -> tuple[Tensor, Tensor]:
     """(keep_index int64 [B, L], new_length int64 [B]) following docs/DESIGN.md's select_keep."""
     b, l_len = token_type.shape
@@ -112,7 +114,9 @@ def compact_token_type(token_type: Tensor, keep_index: Tensor, new_length: Tenso
     return out
 
 
-def keep_count_from_rate(token_type: Tensor, rate: float | Tensor, target_type: int = 1) -> Tensor:
+def keep_count_from_rate(
+    token_type: Tensor, rate: float | Tensor, target_type: int = TokenType.IMAGE
+) -> Tensor:
     """int64 [B]: n_b - floor(rate * n_b), n_b the number of target-type slots of sample b."""
     n = (token_type == target_type).sum(dim=1)
     rate_t = torch.as_tensor(rate, dtype=torch.float64, device=token_type.device)

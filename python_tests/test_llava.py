@@ -15,6 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dyrate_ext.token_types import TokenType
+
 pytest.importorskip("transformers")
 
 from llava_utils import (
@@ -219,7 +221,7 @@ def test_decisions_follow_scoring_layer(models, name):
     rows = torch.arange(STEPS) + prompt_len - 1
     score = ref.attentions[k - 1][:, :, rows, :prompt_len].mean(1)  # [B, T, S]
     removed = out.trace.removed_step
-    image = out.trace.token_type == 1
+    image = out.trace.token_type == TokenType.IMAGE
     for b in range(3):
         for t in range(STEPS):
             present = image[b] & ((removed[b] < 0) | (removed[b] >= t))
@@ -299,7 +301,7 @@ def test_cache_layout_and_positions(models, name):
     assert pruned.token_type.shape == pruned.origin.shape == (3, pruned.length)
     live = pruned.token_type >= 0
     assert pruned.length == int(live.sum(1).max())
-    assert torch.equal((pruned.token_type == 1).sum(1), tr.kept_image[-1])
+    assert torch.equal((pruned.token_type == TokenType.IMAGE).sum(1), tr.kept_image[-1])
     assert torch.equal(live, pruned.origin >= 0)
     src = full.token_type.gather(1, pruned.origin.clamp(min=0))
     assert torch.equal(pruned.token_type[live], src[live])

@@ -21,10 +21,11 @@ from dyrate_ext.policies import (
 )
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.prune import keep_count_from_rate
+from dyrate_ext.token_types import TokenType
 
 
 def stats(type_mass, token_score, token_type, step=0) -> StepStats:
-    num_image = (token_type == 1).sum(1)
+    num_image = (token_type == TokenType.IMAGE).sum(1)
     return StepStats(step, type_mass, token_score, token_type, num_image, num_image.clone())
 
 
@@ -71,7 +72,7 @@ def test_from_image_mass_is_piecewise_linear_in_image_mass():
 
     def mass_with_image(m: float) -> torch.Tensor:
         out = torch.zeros(1, heads, 4)
-        out[..., 1] = m
+        out[..., TokenType.IMAGE] = m
         out[..., 3] = 1 - m
         return out
 

@@ -23,6 +23,7 @@ predictor the demo and the benchmark use (no trained predictor weights exist her
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..predictor import RatePredictor
+from ..token_types import TokenType
 
 try:
     from PIL import Image
@@ -103,16 +105,19 @@ foreground area part edge corner surface pattern shape shapes color colors line 
 _PUNCTUATION = (".", ",", "?", "!", "'", ":", ";", "-", "(", ")", '"', "s")
 
 
-def _vocabulary() -> list[str]:
-    words = sorted(set(_WORDS.split()) | set(_PUNCTUATION))
+def _vocabulary(extra_words: Iterable[str] = ()) -> list[str]:
+    words = sorted(set(_WORDS.split()) | set(_PUNCTUATION) | {w.lower() for w in extra_words})
     return [*SPECIAL_TOKENS, *ROLE_TOKENS, *words]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer (lower-cased words and punctuation, unknown words -> <unk>) with
     LLaVA-1.5's special tokens: <unk> 0, <s> 1 (prepended), </s> 2, <pad> 3, <image> 4, and
-    the role markers "USER:" and "ASSISTANT:" as single tokens. Left padding."""
-    vocab = {token: i for i, token in enumerate(_vocabulary())}
+    the role markers "USER:" and "ASSISTANT:" as single tokens. Left padding.
+
+    `extra_words` are added to the built-in word list (the trained tiny LLaVA's captions need
+    a few words it lacks); without them the vocabulary is the demo's."""
+    vocab = {token: i for i, token in enumerate(_vocabulary(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -286,7 +291,7 @@ def image_mass(trace: Any) -> Tensor:
     heads, at each step of a run whose policy records type mass (e.g. NoPrune(stats_layer=))."""
     if trace.type_mass is None:
         raise ValueError("the trace has no type mass: run a policy with a scoring layer")
-    return trace.type_mass[..., 1].mean(dim=-1).float()
+    return trace.type_mass[..., TokenType.IMAGE].mean(dim=-1).float()
 
 
 def hand_set_predictor(
