@@ -199,14 +199,14 @@ def test_gradients_reach_only_the_predictor():
 def test_training_lowers_the_loss_and_is_deterministic():
     model = tiny_llava(kv_heads=2)
     batches = _batches(2)
-    kw = dict(k=2, budget=0.9, epochs=6, lr=0.1, seed=3, progress=False, lam=100.0)
+    kw = dict(k=2, budget=0.9, epochs=4, lr=0.1, seed=3, progress=False, lam=100.0)
     a = train_predictor(model, batches, **kw)
-    b = train_predictor(model, batches, **kw)
+    b = train_predictor(model, batches, **kw, recompute=True)  # same run without the cache
     for pa, pb in zip(a.predictor.parameters(), b.predictor.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     loss = [h["loss"] for h in a.history]
-    assert sum(loss[-4:]) < sum(loss[:4])
+    assert sum(loss[-2:]) < sum(loss[:2])
     assert abs(a.history[-1]["expected_flops"] - 0.9) < abs(a.history[0]["expected_flops"] - 0.9)
     assert all(p.grad is None for p in model.parameters())
 

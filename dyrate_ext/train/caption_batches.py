@@ -40,13 +40,23 @@ def load_examples(
     style: str = "redundant",
 ) -> list[Example]:
     """Examples of a COCO caption file/folder (`data`), or of the embedded procedural `split`
-    and `style` when `data` is None. `limit` keeps the first `limit` images."""
+    when `data` is None, in `style` ("redundant", "dense", or several joined by commas: the
+    images are shared out among them, interleaved). `limit` keeps the first `limit` images."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if data is None:
         from ..data import load_split
 
-        samples = load_split(split, n=limit if limit is not None else 512, style=style)
+        styles = [s.strip() for s in style.split(",") if s.strip()]
+        total = limit if limit is not None else 512
+        per = [total // len(styles) + (i < total % len(styles)) for i in range(len(styles))]
+        # Different scenes per style: style i starts where style i - 1's images end.
+        starts = [sum(per[:i]) for i in range(len(styles))]
+        groups = [
+            load_split(split, n=n, style=st, start=start)
+            for st, n, start in zip(styles, per, starts, strict=True)
+        ]
+        samples = [g[i] for i in range(max(per)) for g in groups if i < len(g)]
         return [Example(s.load_image(), s.prompt, list(s.captions)) for s in samples]
     from ..data import load_coco
 

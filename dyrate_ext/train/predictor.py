@@ -117,11 +117,6 @@ def _fold(pred: RatePredictor, mean: Tensor, std: Tensor) -> RatePredictor:
     return out.cpu()
 
 
-def _one_hot_flops(shape: DecoderShape, k: int, cls: Tensor, num_rates: int, prep: Prepared):
-    pi = F.one_hot(cls, num_rates).float()
-    return float(expected_flops(shape, k, pi, prep.num_image, prep.prompt_length, prep.row_valid))
-
-
 def train_predictor(
     model: torch.nn.Module,
     batches: list[CaptionBatch],
@@ -137,9 +132,13 @@ def train_predictor(
     seed: int = 0,
     quality: str = "kl",
     init: RatePredictor | None = None,
+    recompute: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Train a RatePredictor for a frozen LLaVA model on teacher-forcing batches.
+
+    The frozen layers' outputs and the unpruned model's distributions are computed once and
+    kept (on the model's device) unless `recompute`, which trades time for memory on big models.
 
     Raises ValueError for a budget outside (0, 1] or below the reachable floor, k out of
     range, num_rates < 2, an `init` predictor of another shape, no batches.
@@ -165,64 +164,35 @@ def train_predictor(
     pred = _init_predictor(masked.num_heads, num_rates, init).to(device)
     start = time.perf_counter()
 
-    cache: list[_Cached] = []
-    for b in tqdm(batches, desc="frozen layers", disable=not progress, leave=False):
-        prep = masked.prepare(b.to(device))
-        with torch.no_grad():
-            teacher = torch.log_softmax(masked.upper(prep, None), dim=-1)
-        cache.append(_Cached(prep, teacher))
-    floor = _floor(shape, k, num_rates, cache)
+    cache, floor, mean, std = _first_pass(masked, batches, num_rates, recompute, progress)
     if budget < floor - 1e-6:
         raise ValueError(
             f"budget {budget} is below the lowest decoder-FLOPs fraction reachable on this data "
             f"with k={k}, K={num_rates} (every step at rate {num_rates - 1}/{num_rates}): "
             f"{floor:.4f}"
         )
-    rows = torch.cat([c.prep.type_mass[c.prep.row_valid].flatten(1) for c in cache])  # [R, H*4]
-    mean, std = rows.mean(dim=0), rows.std(dim=0).clamp_min(1e-3)
     if init is not None:  # start from the given predictor on standardised inputs
         with torch.no_grad():
             w = pred.linear.weight.clone()
             pred.linear.weight.copy_(w * std)
             pred.linear.bias.add_((w * mean).sum(dim=1))
+    objective = _Objective(masked, shape, budget, lam, quality, mean, std)
     opt = torch.optim.Adam(pred.parameters(), lr=lr)
     gen = torch.Generator(device=device).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
-    total = epochs * len(cache)
+    total = epochs * len(batches)
     history: list[dict] = []
     bar = tqdm(total=total, desc=f"predictor b={budget}", disable=not progress)
     step = 0
     for epoch in range(epochs):
-        for i in torch.randperm(len(cache), generator=order_gen).tolist():
-            c = cache[i]
+        for i in torch.randperm(len(batches), generator=order_gen).tolist():
+            c = cache[i] if cache is not None else _prepare(masked, batches[i])
             tau = temperature(step, total, tau_start, tau_end)
-            feats = (c.prep.type_mass.flatten(2) - mean) / std  # [B, C, H*4]
-            logits = pred(feats.flatten(0, 1)).view(*feats.shape[:2], num_rates)  # [B, C, K]
-            y = st_gumbel_softmax(logits, tau, gen)
-            m, kept, clamped = keep_masks(
-                c.prep.token_score, c.prep.token_type, y, c.prep.row_valid
-            )
-            q = _quality(masked.upper(c.prep, m), c, quality)
-            pi = torch.softmax(logits, dim=-1)
-            e_flops = expected_flops(
-                shape, k, pi, c.prep.num_image, c.prep.prompt_length, c.prep.row_valid
-            )
-            loss = q + lam * (e_flops - budget) ** 2
+            loss, rec = objective(pred, c, tau, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            valid = c.prep.row_valid
-            rec = {
-                "step": step,
-                "epoch": epoch,
-                "tau": tau,
-                "loss": float(loss.detach()),
-                "quality": float(q.detach()),
-                "expected_flops": float(e_flops.detach()),
-                "sampled_flops": _one_hot_flops(shape, k, y.detach().argmax(-1), num_rates, c.prep),
-                "clamped_rows": float(clamped[valid].float().mean()),
-                "mean_kept": float(kept[valid].float().mean()),
-            }
+            rec = {"step": step, "epoch": epoch, "tau": tau, **rec}
             history.append(rec)
             bar.set_postfix(q=f"{rec['quality']:.4f}", flops=f"{rec['expected_flops']:.3f}")
             bar.update(1)
@@ -231,16 +201,81 @@ def train_predictor(
     return TrainResult(_fold(pred, mean, std), history, time.perf_counter() - start, floor)
 
 
-def _floor(shape: DecoderShape, k: int, num_rates: int, cache: list[_Cached]) -> float:
-    """The lowest FLOPs fraction over all cached batches (ratio of sums): every step at the
-    largest rate (K-1)/K."""
+@dataclass
+class _Objective:
+    """quality + lam * (E[FLOPs] - budget)^2 of one batch, with the step's statistics."""
+
+    masked: MaskedLlava
+    shape: DecoderShape
+    budget: float
+    lam: float
+    quality: str
+    mean: Tensor  # [H*4] type-mass feature mean and std over the training steps
+    std: Tensor
+
+    def __call__(
+        self, pred: RatePredictor, c: _Cached, tau: float, gen: torch.Generator
+    ) -> tuple[Tensor, dict]:
+        p, k = c.prep, self.masked.k
+        feats = (p.type_mass.flatten(2) - self.mean) / self.std  # [B, C, H*4]
+        logits = pred(feats.flatten(0, 1)).view(*feats.shape[:2], pred.num_rates)  # [B, C, K]
+        y = st_gumbel_softmax(logits, tau, gen)
+        m, kept, clamped = keep_masks(p.token_score, p.token_type, y, p.row_valid)
+        q = _quality(self.masked.upper(p, m), c, self.quality)
+        pi = torch.softmax(logits, dim=-1)
+        e_flops = expected_flops(self.shape, k, pi, p.num_image, p.prompt_length, p.row_valid)
+        loss = q + self.lam * (e_flops - self.budget) ** 2
+        hard = F.one_hot(y.detach().argmax(-1), pred.num_rates).float()
+        sampled = expected_flops(self.shape, k, hard, p.num_image, p.prompt_length, p.row_valid)
+        valid = p.row_valid
+        return loss, {
+            "loss": float(loss.detach()),
+            "quality": float(q.detach()),
+            "expected_flops": float(e_flops.detach()),
+            "sampled_flops": float(sampled),
+            "clamped_steps": float(clamped[valid].float().mean()),
+            "mean_kept": float(kept[valid].float().mean()),
+        }
+
+
+def _prepare(masked: MaskedLlava, batch: CaptionBatch) -> _Cached:
+    """The frozen layers' outputs and the unpruned model's log-probs of one batch."""
+    prep = masked.prepare(batch.to(masked.model.lm_head.weight.device))
+    with torch.no_grad():
+        teacher = torch.log_softmax(masked.upper(prep, None), dim=-1)
+    return _Cached(prep, teacher)
+
+
+def _first_pass(
+    masked: MaskedLlava,
+    batches: list[CaptionBatch],
+    num_rates: int,
+    recompute: bool,
+    progress: bool,
+) -> tuple[list[_Cached] | None, float, Tensor, Tensor]:
+    """Run the frozen model over every batch once: (the cache or None, the lowest reachable
+    FLOPs fraction (every step at rate (K-1)/K, ratio of sums), the type-mass feature mean and
+    std over all valid steps [H*4])."""
+    from tqdm.auto import tqdm
+
+    shape = DecoderShape.from_config(masked.model.config)
+    cache: list[_Cached] = []
     cost = base = 0.0
-    for c in cache:
+    rows = []
+    for b in tqdm(batches, desc="frozen layers", disable=not progress, leave=False):
+        c = _prepare(masked, b)
         p = c.prep
         low = F.one_hot(torch.full_like(p.targets, num_rates - 1), num_rates).float()
-        parts = expected_flops(shape, k, low, p.num_image, p.prompt_length, p.row_valid, parts=True)
+        parts = expected_flops(
+            shape, masked.k, low, p.num_image, p.prompt_length, p.row_valid, parts=True
+        )
         cost, base = cost + float(parts[0]), base + float(parts[1])
-    return cost / base
+        rows.append(p.type_mass[p.row_valid].flatten(1))  # [R, H*4]
+        if not recompute:
+            cache.append(c)
+    feats = torch.cat(rows)
+    std = feats.std(dim=0).clamp_min(1e-3) if feats.shape[0] > 1 else torch.ones_like(feats[0])
+    return (None if recompute else cache), cost / base, feats.mean(dim=0), std
 
 
 # ------------------------------------------------------------------------------------------
@@ -288,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute the frozen layers every step instead of caching them",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -334,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     res = train_predictor(
         model, batches, k=args.k, budget=args.budget, num_rates=args.num_rates, lam=args.lam,
         epochs=args.epochs, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
-        seed=args.seed, quality=args.quality, init=init, progress=not args.quiet,
+        seed=args.seed, quality=args.quality, init=init, recompute=args.recompute,
+        progress=not args.quiet,
     )  # fmt: skip
     report: dict = {"train_seconds": res.seconds, "flops_floor": res.flops_floor}
     if args.val_limit > 0 and (args.val_data or not args.data):
