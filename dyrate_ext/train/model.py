@@ -1,0 +1,194 @@
+"""The tiny LLaVA trained here: its config, tokenizer, processor, and the committed checkpoint.
+
+A real `transformers.LlavaForConditionalGeneration`: a CLIP vision tower (112-pixel images,
+14-pixel patches -> 8 x 8 = 64 image tokens, class token dropped, features of the
+penultimate layer), LLaVA's two-layer GELU projector, and a Llama decoder with grouped-query
+attention (6 layers, width 128, 4 query heads of 32 sharing 2 key/value heads). The tokenizer
+is the embedded word-level tokenizer (`dyrate_ext.llava.embedded.build_tokenizer`) with the
+caption grammar's words added. Prompts use LLaVA-1.5's template with a shorter system prompt
+(`TINY_SYSTEM`, to save CPU time in training): build them with `tiny_prompt(question)`.
+
+    model, processor, tokenizer = load_tiny_llava()          # the committed checkpoint
+    inputs = processor(text=[tiny_prompt("Describe the image in detail.")], images=[image],
+                       return_tensors="pt")
+    model = tiny_llava(TinyConfig(), tokenizer)               # random init (for training)
+
+`load_tiny_llava(path)` loads any folder written by `save_tiny_llava` (or `python -m
+dyrate_ext.train vlm --out PATH`) in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from ..data import grammar_words
+from ..llava.embedded import IMAGE_TOKEN, build_processor, build_tokenizer, llava_prompt
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "TINY_SYSTEM",
+    "TinyConfig",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+    "load_tiny_llava",
+    "save_tiny_llava",
+    "tiny_llava",
+    "tiny_prompt",
+]
+
+TINY_SYSTEM = "A chat between a curious human and an artificial intelligence assistant."
+"""The system prompt the tiny LLaVA was trained with (the first sentence of LLaVA-1.5's)."""
+
+
+def tiny_prompt(question: str) -> str:
+    """LLaVA-1.5's template with the tiny system prompt:
+    "{TINY_SYSTEM} USER: <image>\\n{question} ASSISTANT:"."""
+    return llava_prompt(question, system=TINY_SYSTEM)
+
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny_llava"
+"""The committed checkpoint folder (save_pretrained files + tokenizer/processor files)."""
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of the tiny LLaVA (defaults: what `make train-vlm` trains)."""
+
+    image_size: int = 112
+    patch_size: int = 14
+    vision_hidden_size: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    num_layers: int = 6
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    seed: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image: (image_size / patch_size)^2."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (stored in the training log)."""
+        return asdict(self)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded word-level tokenizer plus every word of the caption grammar."""
+    return build_tokenizer(extra_words=grammar_words())
+
+
+def build_tiny_processor(
+    tokenizer: PreTrainedTokenizerFast, config: TinyConfig = TinyConfig()
+) -> LlavaProcessor:
+    """LLaVA-1.5's processor at the tiny model's image and patch size."""
+    return build_processor(tokenizer, image_size=config.image_size, patch_size=config.patch_size)
+
+
+def tiny_llava(
+    config: TinyConfig, tokenizer: PreTrainedTokenizerFast
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised float32 tiny LLaVA (HF's init, seeded by `config.seed`)."""
+    c = config
+    if c.hidden_size % c.num_heads or c.num_heads % c.num_kv_heads:
+        raise ValueError(
+            f"hidden_size ({c.hidden_size}) must be a multiple of num_heads ({c.num_heads}) and "
+            f"num_heads of num_kv_heads ({c.num_kv_heads})"
+        )
+    if c.image_size % c.patch_size:
+        raise ValueError(f"image_size {c.image_size} is not a multiple of patch {c.patch_size}")
+    torch.manual_seed(c.seed)
+    vision = CLIPVisionConfig(
+        hidden_size=c.vision_hidden_size,
+        intermediate_size=4 * c.vision_hidden_size,
+        num_hidden_layers=c.vision_layers,
+        num_attention_heads=c.vision_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        projection_dim=c.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        unk_token_id=tokenizer.unk_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=c.image_tokens,
+    )
+    model = LlavaForConditionalGeneration(llava)
+    model.set_attn_implementation("sdpa")
+    g = model.generation_config
+    g.pad_token_id, g.eos_token_id, g.bos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    )
+    return model
+
+
+def save_tiny_llava(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    path: str | os.PathLike[str],
+    half: bool = True,
+) -> Path:
+    """`save_pretrained` the model (its weights in float16 when `half`) and the processor (with
+    its tokenizer) into `path`; the model in memory is not touched."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if half:  # a float16 copy: the model keeps its own weights untouched
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(out, state_dict=state)
+    processor.save_pretrained(out)
+    return out
+
+
+def load_tiny_llava(
+    path: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, Any]:
+    """(model in eval mode, float32; processor; tokenizer) from a saved folder, by default
+    the committed checkpoint `DEFAULT_CHECKPOINT`."""
+    folder = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no tiny LLaVA checkpoint at {folder} (config.json missing): train one with "
+            "`python -m dyrate_ext.train vlm`"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    processor = LlavaProcessor.from_pretrained(folder)
+    return model.to(device).eval(), processor, processor.tokenizer
