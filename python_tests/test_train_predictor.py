@@ -20,6 +20,7 @@ from llava_utils import tiny_llava
 
 from dyrate_ext.flops import DecoderShape, generation_flops
 from dyrate_ext.llava import Decision, DyRate, RatePredictor, generate
+from dyrate_ext.train.caption_batches import check_template
 from dyrate_ext.train.gumbel import expected_flops, st_gumbel_softmax, temperature
 from dyrate_ext.train.masked_forward import CaptionBatch, MaskedLlava, keep_masks
 from dyrate_ext.train.predictor import check_budget, train_predictor
@@ -223,6 +224,8 @@ def test_bad_arguments_fail_clearly():
         train_predictor(model, batches, k=2, budget=0.8, init=RatePredictor(6, K), progress=False)
     with pytest.raises(ValueError, match=r"budget 0.1 is below the lowest .* reachable"):
         train_predictor(model, batches, k=2, budget=0.1, progress=False)
+    with pytest.raises(ValueError, match="prompt template must hold"):
+        check_template("USER: {question} ASSISTANT:")
 
 
 def test_metadata_round_trip(tmp_path):

@@ -5,7 +5,8 @@ An example is (image, question, references). They come from a COCO caption file
 `dyrate_ext.data.export_coco`) or straight from the embedded procedural split
 (`dyrate_ext.data.load_split`, nothing written to disk). Each image contributes one reference
 per epoch-independent batch, picked by the seed. The prompt is LLaVA-1.5's template around the
-question (`dyrate_ext.llava.embedded.PROMPT_TEMPLATE`, with or without its system prompt); the
+question with the tiny model's short system prompt by default (`default_template`; for a
+llava-1.5-hf checkpoint pass "USER: <image>\\n{question} ASSISTANT:"); the
 caption is tokenised without special tokens, then the stop token, cut to `max_caption_tokens`.
 """
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from .masked_forward import CaptionBatch
 
-__all__ = ["Example", "build_batches", "load_examples"]
+__all__ = ["Example", "build_batches", "check_template", "default_template", "load_examples"]
 
 
 @dataclass
@@ -65,10 +66,21 @@ def load_examples(
     return [Example(coco.image(i), coco.prompt, list(coco.refs[i])) for i in ids]
 
 
-def _prompt(question: str, system: bool) -> str:
-    from ..llava.embedded import LLAVA_15_SYSTEM, PROMPT_TEMPLATE
+def default_template() -> str:
+    """The tiny LLaVA's prompt with a `{question}` field (LLaVA-1.5's template, short system
+    prompt: `dyrate_ext.train.model.tiny_prompt`)."""
+    from .model import tiny_prompt
 
-    return PROMPT_TEMPLATE.format(system=f"{LLAVA_15_SYSTEM} " if system else "", question=question)
+    return tiny_prompt("{question}")
+
+
+def check_template(template: str) -> str:
+    """`template` unless it lacks the `{question}` field or the `<image>` placeholder."""
+    if "{question}" not in template or "<image>" not in template:
+        raise ValueError(
+            f"prompt template must hold '{{question}}' and '<image>', got {template!r}"
+        )
+    return template
 
 
 def build_batches(
@@ -77,10 +89,12 @@ def build_batches(
     batch_size: int,
     max_caption_tokens: int = 64,
     seed: int = 0,
-    system_prompt: bool = True,
+    template: str | None = None,
 ) -> list[CaptionBatch]:
-    """Fixed batches (examples in order, one seeded reference each), prompts left-padded and
-    captions right-padded with the tokenizer's pad id."""
+    """Fixed batches (examples in order, one seeded reference each), prompts
+    `template.format(question=...)` (default `default_template()`) left-padded, captions
+    right-padded with the tokenizer's pad id."""
+    template = check_template(default_template() if template is None else template)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_caption_tokens < 1:
@@ -94,7 +108,7 @@ def build_batches(
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        texts = [_prompt(e.question, system_prompt) for e in chunk]
+        texts = [template.replace("{question}", e.question) for e in chunk]
         old_side = tok.padding_side
         tok.padding_side = "left"
         try:

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ..flops import DecoderShape
 from ..predictor import RatePredictor
-from .caption_batches import build_batches, load_examples
+from .caption_batches import build_batches, check_template, default_template, load_examples
 from .gumbel import expected_flops, st_gumbel_softmax, temperature
 from .masked_forward import CaptionBatch, MaskedLlava, Prepared, keep_masks
 
@@ -319,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quality", choices=("kl", "nll"), default="kl")
     ap.add_argument("--init", help="start from this RatePredictor file")
     ap.add_argument(
-        "--no-system-prompt", action="store_true", help="prompts without LLaVA-1.5's system prompt"
+        "--prompt-template",
+        help="prompt holding {question} and <image> (default: the tiny LLaVA's; for "
+        "llava-1.5-hf: 'USER: <image>\\n{question} ASSISTANT:')",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -366,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.k < n_layers:
         raise ValueError(f"--k {args.k} is out of range [1, {n_layers - 1}] for this model")
     init = RatePredictor.load(args.init) if args.init else None
-    system = not args.no_system_prompt
+    given = args.prompt_template and args.prompt_template.replace("\\n", "\n")
+    template = check_template(given or default_template())
     examples = load_examples(args.data, args.limit, "train", args.style)
     batches = build_batches(
-        examples, processor, args.batch_size, args.max_caption_tokens, args.seed, system
+        examples, processor, args.batch_size, args.max_caption_tokens, args.seed, template
     )
     res = train_predictor(
         model, batches, k=args.k, budget=args.budget, num_rates=args.num_rates, lam=args.lam,
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         from .predictor_eval import evaluate_predictor, forced_flops
 
         val = load_examples(args.val_data, args.val_limit, "val", args.style)
-        vb = build_batches(val, processor, args.batch_size, args.max_caption_tokens, 0, system)
+        vb = build_batches(val, processor, args.batch_size, args.max_caption_tokens, 0, template)
         report["val_forced"] = forced_flops(model, vb, res.predictor, args.k)
         report["val_generated"] = evaluate_predictor(
             model, vb, res.predictor, args.k, args.max_new_tokens, not args.quiet
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "quality": args.quality,
         "seed": str(args.seed),
         "data": args.data or f"embedded:{args.style}:train[:{args.limit}]",
-        "system_prompt": str(system),
+        "prompt_template": template,
         **_model_id(model, path),
     }
     out = Path(args.out)
