@@ -2,7 +2,7 @@
 # make demo  - install, build, run every pruning policy on an embedded LLaVA-1.5-shaped model
 #              (python -m dyrate_ext.demo: tokens, kept image tokens, FLOPs, times, a plot)
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
-# make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench/demo.py)
+# make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench_ops.py --quick)
 # make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16;
 #                    writes bench/results/e2e.{json,md} and the README section
 PY ?= python3
@@ -62,17 +62,17 @@ demo-readme: build
 	$(VPY) tools/readme_sections.py README.md demo build/demo/section.md
 
 bench-quick: build
-	$(VPY) bench/demo.py
+	$(VPY) bench/bench_ops.py --quick --out build/bench-quick.json
 
 bench-e2e: build
 	mkdir -p bench/results
 	$(VPY) bench/e2e.py --out bench/results/e2e.json
-	$(VPY) bench/e2e_report.py bench/results/e2e.json --readme README.md
+	$(VPY) bench/e2e_report.py bench/results/e2e.json
+	$(VPY) tools/readme_sections.py README.md bench:e2e bench/results/e2e.md
 
 bench: build
-	mkdir -p bench/results
-	$(VPY) -m pytest bench/bench_cpu.py -p no:cacheprovider --benchmark-json=bench/results/cpu.json
-	$(VPY) bench/report.py bench/results/cpu.json --readme README.md
+	$(VPY) bench/bench_ops.py --device cpu --out bench/results/ops-cpu.json
+	$(VPY) tools/readme_sections.py README.md bench:cpu bench/results/ops-cpu.md
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py

@@ -1,10 +1,10 @@
 """Turn bench/e2e.py's JSON into tables and the README's end-to-end section.
 
-    python bench/e2e_report.py RESULTS.json [--readme README.md]
+    python bench/e2e_report.py RESULTS.json
 
 Writes RESULTS.md beside the JSON: decode throughput (tokens/s) and peak live KV cache (MiB)
 per policy and batch size, each with its ratio to NoPrune at the same batch size, decoder
-FLOPs % and prefill time. With --readme it replaces the section between the e2e markers.
+FLOPs % and prefill time; `tools/readme_sections.py` puts it in the README (`make bench-e2e`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 from dyrate_ext.results import format_table, read_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from readme_sections import replace_section
 
 
 def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) -> list[str]:
@@ -88,13 +87,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("results", type=Path, help="JSON written by bench/e2e.py")
-    ap.add_argument("--readme", type=Path, help="replace the section between the e2e markers")
     args = ap.parse_args()
     text = markdown(read_results(args.results))
     args.results.with_suffix(".md").write_text(text)
     print(text)
-    if args.readme:
-        replace_section(args.readme, "bench:e2e", text)
 
 
 if __name__ == "__main__":

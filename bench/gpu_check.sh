@@ -5,7 +5,7 @@
 # 1. builds the extension for sm_90 only (DYRATE_CUDA_ARCHS, default 9.0, to build quickly);
 # 2. runs the CUDA tests (python_tests/test_cuda_registration.py, test_cuda_ops.py);
 # 3. runs bench/sanitize_case.py under compute-sanitizer memcheck and racecheck;
-# 4. runs the GPU benchmark, which writes bench/results/gpu-<device>-<date>.{json,md}.
+# 4. runs the op benchmark on the GPU, which writes bench/results/ops-<device>.{json,md}.
 # Environment: PYTHON (default python), COMPUTE_SANITIZER (default compute-sanitizer),
 # DYRATE_CUDA_ARCHS, MAX_JOBS; SKIP_BENCH=1 stops after the sanitizers.
 set -euo pipefail
@@ -49,4 +49,4 @@ if [ "${SKIP_BENCH:-0}" = "1" ]; then
   exit 0
 fi
 echo "== benchmark"
-"$PY" bench/bench_gpu.py
+"$PY" bench/bench_ops.py --device cuda
