@@ -78,6 +78,7 @@ lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py
 	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py
 	$(VENV)/bin/mypy
+	$(VPY) tools/check_sizes.py dyrate_ext bench
 	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 format: $(VENV)/.deps
