@@ -1,0 +1,154 @@
+"""`python -m dyrate_ext.evaluate`: every pruning policy on a caption set, quality vs FLOPs.
+
+    python -m dyrate_ext.evaluate                        # the committed tiny LLaVA, embedded test
+    python -m dyrate_ext.evaluate --predictor p.safetensors --predictor q.safetensors
+    python -m dyrate_ext.evaluate --model llava-hf/llava-1.5-7b-hf-folder --data coco_val/
+
+Writes OUT.json, OUT.md (tables shaped like the paper's Table III) and OUT_<style>.png
+(Pareto plots), OUT = bench/results/eval by default. See `dyrate_ext.evaluate.runner` for
+what each column measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune
+from ..predictor import RatePredictor
+from ..timing import describe_machine, git_commit
+from .report import markdown_table, plot_pareto, write_json
+from .runner import Row, Spec, coco_set, embedded_set, prepare, run_policy
+
+FASTV_R = (0.25, 0.5, 0.75)
+VTW_K = (1, 2, 3, 4)
+MASS_P = (0.5, 0.8, 0.95)
+
+
+def predictor_specs(paths: list[str], default_k: int) -> list[Spec]:
+    """DyRate specs from RatePredictor files (k and budget from their metadata when there)."""
+    specs = []
+    for p in paths:
+        meta = RatePredictor.metadata(p)
+        k = int(meta.get("k", default_k))
+        budget = meta.get("budget")
+        knob = f"k={k} budget={float(budget):.2f}" if budget else f"k={k} {Path(p).stem}"
+        specs.append(Spec("DyRate", knob, DyRate(RatePredictor.load(p), k=k)))
+    return specs
+
+
+def sweep(full: bool, dyrate: list[Spec]) -> list[Spec]:
+    """NoPrune, the blank-image baseline, FastV r x k in {2, 3}, VTW k, AttentionMass p and the
+    DyRate predictors; `full=False` keeps one or two settings per family."""
+    specs = [Spec("NoPrune", "", NoPrune()), Spec("NoPrune, blank image", "", NoPrune(), True)]
+    rs, vtw_k, ps = (FASTV_R, VTW_K, MASS_P) if full else ((0.5,), (1, 2), (0.8,))
+    specs += [Spec("FastV", f"k={k} r={r}", FastV(k, r)) for k in (2, 3) for r in rs]
+    specs += [Spec("VTW", f"k={k}", VTW(k)) for k in vtw_k]
+    specs += [Spec("AttentionMass", f"p={p} k=2", AttentionMass(p, k=2)) for p in ps]
+    return specs + dyrate
+
+
+def load_model(path: str | None, device: str):
+    """(model, processor, tokenizer, prompt builder) of a llava-hf folder, or the committed
+    tiny LLaVA when `path` is None."""
+    from ..llava.embedded import llava_prompt
+    from ..train.model import DEFAULT_CHECKPOINT, load_tiny_llava, tiny_prompt
+
+    folder = Path(path) if path else DEFAULT_CHECKPOINT
+    model, processor, tokenizer = load_tiny_llava(folder, device=device)
+    tiny = (folder / "train_log.json").is_file()
+    return model, processor, tokenizer, (tiny_prompt if tiny else llava_prompt)
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m dyrate_ext.evaluate", description=__doc__)
+    ap.add_argument("--model", help="llava-hf checkpoint folder (default: the tiny LLaVA)")
+    ap.add_argument("--data", help="COCO-format caption set (default: the embedded test split)")
+    ap.add_argument("--n", type=int, default=200, help="images (default 200)")
+    ap.add_argument("--styles", default="redundant,dense", help="embedded styles to evaluate")
+    ap.add_argument("--predictor", action="append", default=[], help="RatePredictor file")
+    ap.add_argument("--dyrate-k", type=int, default=2, help="k when a file does not say")
+    ap.add_argument("--sweep", choices=("full", "small"), default="full")
+    ap.add_argument("--dense-sweep", choices=("full", "small"), default="small")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=72)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--out", default="bench/results/eval", help="output path prefix")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap.parse_args(argv)
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
+    """Run every table; returns (meta, {table name: rows})."""
+    model, processor, tokenizer, make_prompt = load_model(args.model, args.device)
+    dyrate = predictor_specs(args.predictor, args.dyrate_k)
+    if args.data:
+        sets = [coco_set(args.data, args.n)]
+    else:
+        sets = [embedded_set("test", args.n, s) for s in args.styles.split(",")]
+    tables: dict[str, list[Row]] = {}
+    for i, data in enumerate(sets):
+        full = (args.sweep if i == 0 else args.dense_sweep) == "full"
+        specs = sweep(full, dyrate)
+        batches = prepare(processor, data, make_prompt(data.question), args.batch_size)
+        batches = [
+            {k: v.to(args.device) if k != "ids" else v for k, v in b.items()} for b in batches
+        ]
+        rows = []
+        for spec in _progress(specs, data.name, args.quiet):
+            rows.append(
+                run_policy(
+                    model, tokenizer, batches, data, spec, args.max_new_tokens, not args.quiet
+                )
+            )
+        tables[data.name] = rows
+    return {"n_images": args.n}, tables
+
+
+def _progress(specs: list[Spec], name: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(specs, desc=f"policies on {name}", disable=quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = _args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    meta, tables = evaluate(args)
+    meta.update(
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        machine=describe_machine(),
+        commit=git_commit(),
+        model=args.model or "dyrate_ext/assets/tiny_llava (committed tiny LLaVA)",
+        data=args.data or "embedded test split",
+        predictors=args.predictor,
+        max_new_tokens=args.max_new_tokens,
+        decoding="greedy",
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), meta, tables)
+    md = [f"# Caption quality vs decoder FLOPs ({meta['date']})\n"]
+    md.append(f"Machine: {meta['machine']}; commit {meta['commit']}; model {meta['model']}; ")
+    md.append(f"greedy, at most {args.max_new_tokens} new tokens; {meta['seconds']:.0f} s.\n")
+    if not args.predictor:
+        md.append("DyRate: no --predictor file given, so no DyRate row.\n")
+    for name, rows in tables.items():
+        md.append(markdown_table(rows, name))
+        style = name.split()[-1]
+        plot_pareto(f"{out}_{style}.png", rows, f"CIDEr vs decoder FLOPs: {name}")
+    out.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {out}.json, {out}.md and the plots {out}_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

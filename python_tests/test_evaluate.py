@@ -1,0 +1,117 @@
+"""Evaluation: CIDEr / BLEU-4 / facts on known cases, FLOPs accounting, the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("pycocoevalcap")
+
+from dyrate_ext.data import load_split
+from dyrate_ext.data.scenes import Scene, SceneObject
+from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
+from dyrate_ext.evaluate.__main__ import main as evaluate_main
+from dyrate_ext.predictor import RatePredictor
+from dyrate_ext.train.model import (
+    TinyConfig,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    save_tiny_llava,
+    tiny_llava,
+)
+
+TINY = TinyConfig(
+    image_size=28,
+    patch_size=14,
+    vision_hidden_size=16,
+    vision_layers=2,
+    vision_heads=2,
+    num_layers=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=4,
+    num_kv_heads=2,
+)
+
+
+def test_tokenizer_drops_punctuation():
+    assert coco_tokenize("The Red circle, at the TOP left.") == "the red circle at the top left"
+
+
+def test_cider_of_references_high_of_shuffled_low():
+    samples = load_split("val", n=40)
+    refs = {s.image_id: s.captions[1:] for s in samples}
+    own = {s.image_id: s.captions[0] for s in samples}
+    ids = list(own)
+    perm = ids[1:] + ids[:1]
+    shuffled = {i: own[j] for i, j in zip(ids, perm)}
+    high, per_image = cider(refs, own)
+    low, _ = cider(refs, shuffled)
+    assert high > 150 and low < high / 2, (high, low)
+    assert set(per_image) == set(ids)
+    assert bleu4(refs, own) > 2 * bleu4(refs, shuffled)
+    assert bleu4({1: ["a red circle on the left side"]}, {1: "a red circle on the left side"}) == (
+        pytest.approx(100.0)
+    )
+    with pytest.raises(ValueError, match="no references"):
+        cider({}, {5: "a caption"})
+
+
+def test_fact_precision_recall_on_hand_made_captions():
+    scene = Scene(
+        0,
+        (SceneObject("circle", "red", "small", 0), SceneObject("star", "blue", "large", 8)),
+        "white",
+        "none",
+        0,
+    )
+    hyps = {
+        1: "a red circle at the top left and a blue star at the bottom right.",  # 4/4 right
+        2: "a red circle at the bottom and a green square in the middle.",  # 1 of 4 right
+    }
+    fs = facts(hyps, {1: scene, 2: scene})
+    assert (fs.correct, fs.stated, fs.true) == (5, 8, 8)
+    assert fs.precision == pytest.approx(62.5) and fs.recall == pytest.approx(62.5)
+    assert facts(hyps, {}) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tok = build_tiny_tokenizer()
+    model = tiny_llava(TINY, tok)
+    save_tiny_llava(model, build_tiny_processor(tok, TINY), root / "model", half=False)
+    predictor = RatePredictor(num_heads=TINY.num_heads, num_rates=4)
+    with torch.no_grad():
+        predictor.linear.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # always rate 2/4
+    predictor.save(root / "p.safetensors", metadata={"k": "2", "budget": "0.8"})
+    return root
+
+
+def test_cli_writes_tables_json_and_plots(tiny_checkpoint, tmp_path):
+    out = tmp_path / "res" / "eval"
+    args = ["--model", str(tiny_checkpoint / "model"), "--n", "4", "--batch-size", "3"]
+    args += ["--max-new-tokens", "4", "--sweep", "small", "--styles", "redundant,dense"]
+    args += ["--predictor", str(tiny_checkpoint / "p.safetensors"), "--out", str(out), "--quiet"]
+    assert evaluate_main(args) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert {"date", "machine", "commit", "model"} <= doc["meta"].keys()
+    tables = doc["tables"]
+    assert len(tables) == 2
+    rows = {r["name"]: r for r in next(iter(tables.values()))}
+    assert rows["NoPrune"]["flops_percent"] == pytest.approx(100.0)
+    assert rows["NoPrune"]["kept_image_tokens"] == pytest.approx(TINY.image_tokens)
+    assert rows["VTW(k=1)"]["kept_image_tokens"] == 0
+    assert rows["VTW(k=1)"]["flops_percent"] < rows["VTW(k=2)"]["flops_percent"] < 100
+    dy = rows["DyRate(k=2 budget=0.80)"]
+    assert dy["kept_image_tokens"] == pytest.approx(TINY.image_tokens / 2)
+    assert rows["FastV(k=2 r=0.5)"]["flops_percent"] == pytest.approx(dy["flops_percent"])
+    for r in rows.values():
+        assert len(r["examples"]) == 4 and 0 <= r["cider"]
+    md = out.with_suffix(".md").read_text()
+    assert "| NoPrune | 100.0 |" in md and "CIDEr" in md and "NoPrune, blank image" in md
+    assert (out.parent / "eval_redundant.png").stat().st_size > 1000
+    assert (out.parent / "eval_dense.png").stat().st_size > 1000
