@@ -16,25 +16,14 @@ from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
 from dyrate_ext.evaluate.__main__ import main as evaluate_main
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.train.model import (
-    TinyConfig,
+    MICRO,
     build_tiny_processor,
     build_tiny_tokenizer,
     save_tiny_llava,
     tiny_llava,
 )
 
-TINY = TinyConfig(
-    image_size=28,
-    patch_size=14,
-    vision_hidden_size=16,
-    vision_layers=2,
-    vision_heads=2,
-    num_layers=4,
-    hidden_size=32,
-    intermediate_size=64,
-    num_heads=4,
-    num_kv_heads=2,
-)
+TINY = MICRO
 
 
 def test_tokenizer_drops_punctuation():

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from dyrate_ext.train.__main__ import main as train_main
 from dyrate_ext.train.model import (
-    TinyConfig,
+    MICRO,
     build_tiny_processor,
     build_tiny_tokenizer,
     load_tiny_llava,
@@ -20,18 +20,7 @@ from dyrate_ext.train.model import (
 )
 from dyrate_ext.train.vlm import IGNORE, Batcher, TrainConfig, train_vlm
 
-TINY = TinyConfig(
-    image_size=28,
-    patch_size=14,
-    vision_hidden_size=16,
-    vision_layers=2,
-    vision_heads=2,
-    num_layers=2,
-    hidden_size=32,
-    intermediate_size=64,
-    num_heads=4,
-    num_kv_heads=2,
-)
+TINY = MICRO
 
 
 def _cfg(**kw) -> TrainConfig:

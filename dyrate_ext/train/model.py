@@ -39,6 +39,7 @@ from ..llava.embedded import IMAGE_TOKEN, build_processor, build_tokenizer, llav
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "MICRO",
     "TINY_SYSTEM",
     "TinyConfig",
     "build_tiny_processor",
@@ -87,6 +88,21 @@ class TinyConfig:
     def to_dict(self) -> dict:
         """The fields as a dict (stored in the training log)."""
         return asdict(self)
+
+
+MICRO = TinyConfig(
+    image_size=28,
+    patch_size=14,
+    vision_hidden_size=16,
+    vision_layers=2,
+    vision_heads=2,
+    num_layers=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=4,
+    num_kv_heads=2,
+)
+"""A micro config (4 image tokens, 4 decoder layers of width 32) for tests and smoke runs."""
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
