@@ -135,7 +135,8 @@ def export_coco(samples: list[CaptionSample], out_dir: str | os.PathLike[str]) -
         raise ValueError(f"export_coco: samples mix styles {sorted(styles)}; export one at a time")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for s in samples:
         name = f"images/{s.image_id}.png"
         s.load_image().save(out / name)
