@@ -7,6 +7,9 @@ types within twice the error that eager PyTorch makes computing the same thing i
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +47,28 @@ def assert_close_to_reference(out, ref64, eager=None, dtype=torch.float32, what=
     assert torch.isfinite(out64).all(), f"{what} has non-finite values"
     worst = (err - bound).max()
     assert worst <= 0, f"{what}: max error {err.max():.3e} exceeds its bound by {worst:.3e}"
+
+
+@pytest.fixture(scope="session")
+def emu_module():
+    """The CUDA kernels and glue built for the host against the SIMT emulator (tools/simt_emu);
+    the first use compiles it (about a minute on two cores)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "simt_emu"))
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    try:
+        return build.build()
+    except Exception as exc:  # pragma: no cover - no compiler
+        pytest.skip(f"the SIMT emulator does not build here: {exc}")
+
+
+@pytest.fixture
+def emu(emu_module):
+    """The emulator with every check on, a fixed seed and 132 SMs, reset for each test."""
+    emu_module.set_sm_count(132)
+    emu_module.set_seed(1)
+    emu_module.set_checks(True, True, True, 4)
+    yield emu_module
+    emu_module.set_checks(True, True, True, 4)

@@ -12,9 +12,6 @@ Marked slow: the first run compiles the emulated extension (about a minute on tw
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import TOL, assert_close_to_reference
@@ -26,27 +23,6 @@ from dyrate_ext.testing import randn, random_token_type, special_scores
 pytestmark = [pytest.mark.slow, pytest.mark.emulated]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(scope="module")
-def emu():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "simt_emu"))
-    try:
-        import build
-    finally:
-        sys.path.pop(0)
-    try:
-        return build.build()
-    except Exception as exc:  # pragma: no cover - no compiler
-        pytest.skip(f"the SIMT emulator does not build here: {exc}")
-
-
-@pytest.fixture(autouse=True)
-def _reset_emulator(request):
-    if "emu" in request.fixturenames:
-        mod = request.getfixturevalue("emu")
-        mod.set_sm_count(132)
-        mod.set_seed(1)
 
 
 # (B, H_q, H_kv, Q, L, D, causal): B=1, odd sizes, GQA, stored-logits and recompute paths.

@@ -2,17 +2,26 @@
 host against the SIMT emulator in simt.h, so they run on CPU tensors without a GPU.
 
 The sources are the real ones (csrc/kernels/*.cuh, csrc/cuda/kernels.cu, csrc/cuda/ops_cuda.cpp,
-csrc/checks.cpp), copied to build/simt_emu/src with two mechanical rewrites that a host compiler
-needs: `extern __shared__ T name[];` becomes a pointer to the emulator's dynamic shared memory,
-and `kernel<<<grid, block, smem, stream>>>(args)` becomes `::emu::launch(grid, block, smem,
-stream, kernel, args)`. Headers under shadow/ stand in for the CUDA runtime and c10/cuda.
+csrc/checks.cpp), copied to build/simt_emu/src with mechanical rewrites that a host compiler
+needs: `extern __shared__ T name[];` becomes the block's dynamic shared memory, `__shared__ T
+name[N];` a reference to per-block storage, and `kernel<<<grid, block, smem, stream>>>(args)`
+becomes `::emu::launch(grid, block, smem, stream, kernel, args)`. Headers under shadow/ stand in
+for the CUDA runtime and c10/cuda.
+
+The kernel translation units (kernels.cu and the emulator's own selftest.cu of deliberately
+broken kernels) are compiled here with -fsanitize=thread, without its runtime: every load and
+store then calls memcheck.cpp, which checks alignment and cross-block accesses. The objects are
+linked into the module through the linker flags, named by a hash of everything they include.
 
     python tools/simt_emu/build.py        # build (cached), then print the module path
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +36,10 @@ BINDINGS = r"""
 #include "csrc/dyrate.h"
 #include "simt.h"
 
+namespace emu_selftest {
+int run(const std::string& name, void* out, const void* in, int arg);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_stats", &dyrate::attention_stats_cuda);
   m.def("attention_stats_from_probs", &dyrate::attention_stats_from_probs_cuda);
@@ -38,6 +51,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact_token_type_", &dyrate::compact_token_type_cuda);
   m.def("set_sm_count", [](int n) { emu::st().sm_count = n; });
   m.def("set_seed", [](int seed) { emu::st().rng.seed(static_cast<unsigned>(seed)); });
+  m.def("set_checks", [](bool interleave, bool write_set, bool align, int resident) {
+    emu::st().interleave = interleave;
+    emu::st().max_resident = static_cast<unsigned>(resident < 1 ? 1 : resident);
+    emu::g_tracker.write_set = write_set;
+    emu::g_tracker.align = align;
+  });
+  m.def("selftest", [](const std::string& name, at::Tensor out, at::Tensor in, int64_t arg) {
+    return emu_selftest::run(name, out.data_ptr(), in.data_ptr(), static_cast<int>(arg));
+  });
 }
 """
 
@@ -55,12 +77,28 @@ def _balanced(text: str, start: int) -> int:
     raise ValueError("unbalanced parentheses in a kernel launch")
 
 
-def rewrite(text: str) -> str:
+STATIC_SHARED = re.compile(r"__shared__\s+([\w:<>, ]+?)\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;")
+
+
+def _rewrite_shared(text: str) -> str:
+    """Dynamic and static __shared__ declarations -> the emulator's per-block storage."""
     text = re.sub(
-        r"extern __shared__ (\w+) (\w+)\[\];",
-        r"\1* \2 = reinterpret_cast<\1*>(::emu::st().dyn_smem.data());",
-        text,
+        r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = ::emu::dynamic_shared<\1>();", text
     )
+
+    def static(m: re.Match) -> str:
+        line = text.count("\n", 0, m.start()) + 1
+        kind, name, dims = m.group(1), m.group(2), m.group(3).replace(" ", "")
+        return f'auto& {name} = ::emu::block_shared<{kind}{dims}>("{name}@{line}");'
+
+    text = STATIC_SHARED.sub(static, text)
+    if "__shared__" in text:
+        raise ValueError("a __shared__ declaration the emulator cannot rewrite")
+    return text
+
+
+def rewrite(text: str) -> str:
+    text = _rewrite_shared(text)
     out = []
     pos = 0
     while (i := text.find("<<<", pos)) >= 0:
@@ -88,7 +126,8 @@ def _write(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def prepare() -> list[Path]:
+def prepare() -> tuple[list[Path], list[Path]]:
+    """Rewritten sources: (host sources for torch's builder, kernel units to instrument)."""
     src = OUT / "src"
     for f in (ROOT / "csrc").rglob("*"):
         if not f.is_file():
@@ -99,35 +138,62 @@ def prepare() -> list[Path]:
             _write(src / rel.with_name(f.stem + "_emu.cpp"), rewrite(text))
         else:
             _write(src / rel, rewrite(text) if f.suffix == ".cuh" else text)
+    _write(src / "selftest_emu.cpp", rewrite((HERE / "selftest.cu").read_text()))
     _write(src / "bindings_emu.cpp", BINDINGS)
-    return [
+    host = [
         src / "csrc" / "checks.cpp",
         src / "csrc" / "cuda" / "ops_cuda.cpp",
-        src / "csrc" / "cuda" / "kernels_emu.cpp",
         src / "bindings_emu.cpp",
+        HERE / "memcheck.cpp",
     ]
+    return host, [src / "csrc" / "cuda" / "kernels_emu.cpp", src / "selftest_emu.cpp"]
+
+
+INCLUDES = [HERE / "shadow", HERE, OUT / "src"]
+CFLAGS = [
+    "-DDYRATE_WITH_CUDA",
+    "-O1",
+    "-g0",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-unknown-pragmas",
+]
+# Calls to memcheck.cpp on every load and store; no function entry/exit callbacks.
+INSTRUMENT = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
+
+
+def _compile_instrumented(unit: Path) -> Path:
+    """One kernel unit -> an instrumented object named by the hash of all it can include."""
+    cxx = os.environ.get("CXX", "c++")
+    cmd = [cxx, "-std=c++17", "-fPIC", *CFLAGS, *INSTRUMENT, *(f"-I{p}" for p in INCLUDES)]
+    digest = hashlib.sha256(" ".join(cmd).encode())
+    deps = [unit, *sorted((OUT / "src" / "csrc" / "kernels").glob("*")), *sorted(HERE.rglob("*.h"))]
+    for f in deps:
+        digest.update(f.read_bytes())
+    obj = OUT / "obj" / f"{unit.stem}-{digest.hexdigest()[:16]}.o"
+    if not obj.exists():
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        for old in obj.parent.glob(f"{unit.stem}-*.o"):
+            old.unlink()
+        subprocess.run([*cmd, "-c", str(unit), "-o", str(obj)], check=True)
+    return obj
 
 
 def build(verbose: bool = False):
     """Compile (ninja caches unchanged objects) and import the emulated extension."""
     from torch.utils.cpp_extension import load
 
-    sources = prepare()
+    host, units = prepare()
+    objects = [str(_compile_instrumented(u)) for u in units]
     build_dir = OUT / "build"
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(
         name="dyrate_simt_emu",
-        sources=[str(s) for s in sources],
-        extra_include_paths=[str(HERE / "shadow"), str(HERE), str(OUT / "src")],
-        extra_cflags=[
-            "-DDYRATE_WITH_CUDA",
-            "-O1",
-            "-g0",
-            "-Wall",
-            "-Wextra",
-            "-Wno-unused-parameter",
-            "-Wno-unknown-pragmas",
-        ],
+        sources=[str(s) for s in host],
+        extra_include_paths=[str(p) for p in INCLUDES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=objects,
         build_directory=str(build_dir),
         verbose=verbose,
     )

@@ -1,0 +1,82 @@
+"""Each check of the SIMT emulator (tools/simt_emu) fails on a deliberately broken kernel.
+
+The broken kernels are in tools/simt_emu/selftest.cu. Every test also shows the kernel passing
+with the check switched off (or, for shared memory, what the old function-level storage gave),
+so it is the check, not some other error, that catches the bug:
+- static __shared__ memory is per block and poisoned;
+- loads and stores must be naturally aligned (16-byte vector accesses included);
+- static + dynamic shared memory fit in 48 KiB unless the kernel opted in;
+- no byte is written by one block and read or written by another in the same launch;
+- blocks are admitted in a random order and interleaved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.emulated
+
+POISON_INT = -1  # 0xff bytes
+
+
+def run(emu, name, out, inp=None, arg=0):
+    err = emu.selftest(name, out, out if inp is None else inp, arg)
+    assert err == 0, f"{name}: launch error {err}"
+    return out
+
+
+def test_static_shared_memory_is_per_block_and_poisoned(emu):
+    out = run(emu, "shared_leak", torch.zeros(2, dtype=torch.int32))
+    assert out[0] == 42  # block 0 wrote it
+    assert out[1] == POISON_INT  # block 1 never did: a function-level static would give 42
+
+
+def test_misaligned_vector_load_is_an_error(emu):
+    inp = torch.arange(200, dtype=torch.float32)
+    out = run(emu, "vector_load", torch.zeros(32), inp, 0)  # aligned: fine
+    expected = inp[:128].view(32, 4).sum(1)
+    assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="misaligned 16-byte load"):
+        run(emu, "vector_load", torch.zeros(32), inp, 1)
+    emu.set_checks(True, True, False, 4)  # alignment check off: the x86 host does not care
+    out = run(emu, "vector_load", torch.zeros(32), inp, 1)
+    assert torch.equal(out, inp[1:129].view(32, 4).sum(1))
+
+
+def test_shared_memory_over_48k_needs_the_opt_in(emu):
+    expected = torch.arange(32, dtype=torch.float32) + 1
+    out = run(emu, "big_shared", torch.zeros(32), arg=8 * 1024)  # 40 + 8 KiB: at the limit
+    assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match=r"static \(40960 B\) \+ dynamic \(12288 B\)"):
+        run(emu, "big_shared", torch.zeros(32), arg=12 * 1024)
+    out = run(emu, "big_shared", torch.zeros(32), arg=-12 * 1024)  # after cudaFuncSetAttribute
+    assert torch.equal(out, expected)
+
+
+def test_bytes_written_by_two_blocks_are_an_error(emu):
+    with pytest.raises(RuntimeError, match=r"written by block \(\d, 0, 0\) is also written by"):
+        run(emu, "overlapping_writes", torch.zeros(64, dtype=torch.int32), arg=4)
+    emu.set_checks(True, False, True, 4)
+    out = run(emu, "overlapping_writes", torch.zeros(64, dtype=torch.int32), arg=4)
+    assert out[16] == 3  # silently "works" without the check
+
+
+def test_a_block_reading_another_blocks_write_is_an_error(emu):
+    with pytest.raises(RuntimeError, match=r"by block \(\d, 0, 0\) is (read|written) by block"):
+        run(emu, "ordered_blocks", torch.zeros(2, dtype=torch.int32))
+
+
+def test_blocks_are_interleaved_in_random_order(emu):
+    """Without the write-set check, only the block order exposes the dependency: in index order
+    (the old emulator) the kernel always looks right; in random order it does not."""
+    emu.set_checks(False, False, True, 1)
+    for seed in range(8):
+        emu.set_seed(seed)
+        assert run(emu, "ordered_blocks", torch.zeros(2, dtype=torch.int32))[1] == 8
+    emu.set_checks(True, False, True, 4)
+    seen = set()
+    for seed in range(16):
+        emu.set_seed(seed)
+        seen.add(int(run(emu, "ordered_blocks", torch.zeros(2, dtype=torch.int32))[1]))
+    assert seen == {1, 8}  # block 1 sometimes runs before block 0 wrote out[0]
