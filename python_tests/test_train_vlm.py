@@ -58,6 +58,8 @@ def test_loss_falls_and_runs_are_bit_identical(tmp_path):
     assert last < first - 0.3, a.losses
     other = train_vlm(_cfg(seed=1, steps=2), progress=False)
     assert other.losses[0] != a.losses[0]
+    resumed = train_vlm(_cfg(steps=1, init=str(tmp_path / "ckpt")), progress=False)
+    assert resumed.losses[0] < first - 0.3  # starts from the trained weights
     # the saved checkpoint loads with from_pretrained and gives the same logits (float16 weights)
     model, proc, tok = load_tiny_llava(tmp_path / "ckpt")
     log = json.loads((tmp_path / "ckpt" / "train_log.json").read_text())

@@ -38,6 +38,7 @@ from .model import (
     TinyConfig,
     build_tiny_processor,
     build_tiny_tokenizer,
+    load_tiny_llava,
     save_tiny_llava,
     tiny_llava,
     tiny_prompt,
@@ -72,6 +73,8 @@ class TrainConfig:
     val_samples: int = 48
     val_every: int = 200
     seed: int = 0
+    init: str | None = None
+    """A checkpoint folder to start from (continued training) instead of random weights."""
     threads: int = 1
     model: TinyConfig = field(default_factory=TinyConfig)
 
@@ -179,7 +182,10 @@ def train_vlm(
 def _train(cfg: TrainConfig, out: Path | None, progress: bool) -> TrainResult:
     tokenizer = build_tiny_tokenizer()
     processor = build_tiny_processor(tokenizer, cfg.model)
-    model = tiny_llava(cfg.model, tokenizer).train()
+    model = tiny_llava(cfg.model, tokenizer)
+    if cfg.init is not None:  # continue from saved weights (sizes must match cfg.model)
+        model.load_state_dict(load_tiny_llava(cfg.init)[0].state_dict())
+    model.train()
     batcher = Batcher(processor, cfg.model, cfg.train_scenes, cfg.dense_fraction)
     val_batch = batcher.batch(random.Random(cfg.seed + 1), cfg.val_samples, split="val")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--init", help="start from this checkpoint folder instead of random weights")
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--val-every", type=int, default=d.val_every)
     ap.add_argument("--plot", default="docs/tiny_llava_loss.png", help="loss curve PNG")
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        init=args.init,
         threads=args.threads,
         val_every=args.val_every,
     )
