@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 from hf_models import KV_HEADS, NUM_HEADS, tiny_batch, tiny_model
 
 import dyrate_ext.hf as hf
+from dyrate_ext.flops import DecoderShape, trace_flops
 from dyrate_ext.llava import VTW, AttentionMass, DyRate, FastV, NoPrune, RatePredictor, generate
 
 STEPS = 10
@@ -95,6 +96,10 @@ def test_policies_match_reference_loop(models, attn, name):
     assert torch.equal(trace.kept_image, ref.trace.kept_image)
     assert torch.equal(trace.removed_step, ref.trace.removed_step)
     torch.testing.assert_close(trace.rate, ref.trace.rate)
+    assert torch.equal(trace.cache_length, ref.trace.cache_length)
+    assert torch.equal(trace.positions, ref.trace.positions)
+    shape = DecoderShape.from_config(model)
+    assert trace_flops(trace.to_llava_trace(), shape).total == trace_flops(ref.trace, shape).total
     torch.testing.assert_close(trace.type_mass, ref.trace.type_mass, atol=1e-5, rtol=0)
     # Pruning really happened, and really changed the logits.
     assert (trace.kept_image[-1] < trace.kept_image.new_tensor(64)).all()

@@ -2,7 +2,8 @@
 
 With no arguments it builds the embedded LLaVA-1.5-shaped model (`dyrate_ext.llava.embedded`: 576
 image tokens from a 336-pixel picture, LLaVA-1.5's chat template, a 32-layer decoder of width
-512, random weights from a fixed seed), then runs `dyrate_ext.llava.generate` with
+512, random weights from a fixed seed), then runs `dyrate_ext.llava.generate` (or, with
+`--engine hf`, Hugging Face's own `model.generate()` inside `dyrate_ext.hf.pruning`) with
 
     NoPrune, FastV(k=2, r=0.5), FastV(k=3, r=0.5), VTW(k=layers / 2), DyRate, AttentionMass
 
@@ -41,6 +42,7 @@ from ..results import run_metadata, write_results
 from ..timing import describe_machine
 from .report import markdown_section, plot_kept, print_summary, prompt_layout, table_rows
 from .runner import (
+    ENGINES,
     PolicyRun,
     Sweep,
     hf_generate,
@@ -54,6 +56,10 @@ __all__ = ["main", "parse_args"]
 
 DEFAULT_QUESTION = "Describe this image in detail."
 DEFAULT_PLOT = "build/demo/kept_image_tokens.png"
+ENGINE_NOTE = {
+    "loop": "dyrate_ext.llava.generate (the reference loop)",
+    "hf": "Hugging Face model.generate() inside dyrate_ext.hf.pruning",
+}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -127,6 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: float32 for the embedded model; float16 (cuda) or bfloat16 (cpu) for --model",
     )
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel")
+    g.add_argument(
+        "--engine",
+        default="loop",
+        choices=list(ENGINES),
+        help="loop: the reference loop dyrate_ext.llava.generate; hf: Hugging Face's own "
+        "model.generate() inside dyrate_ext.hf.pruning (default: loop)",
+    )
 
     e = ap.add_argument_group("embedded model (ignored with --model)")
     e.add_argument("--layers", type=int, default=32, help="decoder layers (LLaVA-1.5-7B: 32)")
@@ -202,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     eos, pad = _stop_ids(args, model, processor)
     steps, repeats = args.max_new_tokens, args.repeats
     _print_header(desc, describe_machine(device), embedded)
-    run_policy(model, inputs, NoPrune(), 2, None, pad)  # warm-up, not timed
+    print(f"engine:  {ENGINE_NOTE[args.engine]}")
+    run_policy(model, inputs, NoPrune(), 2, None, pad, engine=args.engine)  # warm-up, not timed
 
     stats_layer = min(max(args.dyrate_k, 1), shape.num_layers) - 1
     hf_runs = 0 if args.no_hf_check else 1
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         leave=False,
     )
     with_7b = embedded and shape.num_layers == LLAVA_15_7B.num_layers
-    sweep = Sweep(model, inputs, steps, eos, pad, repeats, with_7b, bar.update)
+    sweep = Sweep(model, inputs, steps, eos, pad, repeats, with_7b, bar.update, args.engine)
     base_out = sweep.run("NoPrune", NoPrune(stats_layer=stats_layer))
     bar.write(
         f"prompt:  {prompt_layout(base_out)} (LLaVA-1.5 template: "
@@ -262,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m dyrate_ext.demo "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "model": desc,
+        "engine": args.engine,
         "prompt": prompt_layout(base_out),
         "new_tokens": steps,
         "predictor": predictor_note,

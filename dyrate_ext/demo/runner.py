@@ -1,7 +1,8 @@
 """Running the demo's policies: model and prompt loading, the policy list, timed runs.
 
 `Sweep` runs each policy `repeats` times through `dyrate_ext.llava.generate` under a
-`StepClock` and keeps the first output with the median prefill/decode times and the FLOPs of
+`StepClock` (or through Hugging Face's `model.generate()` under `dyrate_ext.hf.pruning`
+with engine "hf") and keeps the first output with the median prefill/decode times and the FLOPs of
 its keep schedule; `hf_generate` times Hugging Face's `model.generate` on the same prompt.
 """
 
@@ -22,6 +23,8 @@ from ..predictor import RatePredictor
 from ..timing import StepClock
 
 __all__ = [
+    "ENGINES",
+    "HFGenerateOutput",
     "PolicyRun",
     "Sweep",
     "hf_generate",
@@ -188,6 +191,18 @@ def make_policies(
 # --------------------------------------------------------------------------------------------
 
 
+ENGINES = ("loop", "hf")
+"""`loop`: the reference loop `dyrate_ext.llava.generate`; `hf`: Hugging Face's own
+`model.generate()` inside `dyrate_ext.hf.pruning`."""
+
+
+@dataclass
+class HFGenerateOutput(GenerateOutput):
+    """A GenerateOutput of the "hf" engine: also the session's `dyrate_ext.hf.HFTrace`."""
+
+    hf_trace: Any = None
+
+
 def run_policy(
     model: Any,
     inputs: dict[str, torch.Tensor],
@@ -196,18 +211,43 @@ def run_policy(
     eos: Any,
     pad: int,
     on_step: Any = None,
+    engine: str = "loop",
 ) -> tuple[GenerateOutput, StepClock]:
-    with StepClock(model, on_step=on_step) as clock:
-        out = generate(
-            model,
-            inputs["input_ids"],
-            inputs["pixel_values"],
-            inputs["attention_mask"],
-            policy=policy,
+    """Generate under `policy` with `engine` (see ENGINES), timed by a StepClock. With "hf" the
+    output is an HFGenerateOutput (its `hf_trace` has the cache bytes per step)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "loop":
+        with StepClock(model, on_step=on_step) as clock:
+            out = generate(
+                model,
+                inputs["input_ids"],
+                inputs["pixel_values"],
+                inputs["attention_mask"],
+                policy=policy,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        return out, clock
+    from .. import hf
+
+    with hf.pruning(model, policy) as session, StepClock(model, on_step=on_step) as clock:
+        sequences = model.generate(
+            **inputs,
             max_new_tokens=max_new_tokens,
+            do_sample=False,
             eos_token_id=eos,
             pad_token_id=pad,
         )
+    trace = session.trace
+    assert trace is not None
+    out = HFGenerateOutput(
+        sequences=sequences,
+        trace=trace.to_llava_trace(),
+        prompt_length=inputs["input_ids"].shape[1],
+        hf_trace=trace,
+    )
     return out, clock
 
 
@@ -220,6 +260,8 @@ class Sweep:
         repeats: runs per policy (times are the median).
         with_7b: also count FLOPs on LLaVA-1.5-7B's decoder widths (32-layer embedded model).
         on_step: called after every generated token (a progress bar's update).
+        engine: "loop" (dyrate_ext.llava.generate) or "hf" (model.generate() under
+            dyrate_ext.hf.pruning).
     """
 
     def __init__(
@@ -232,7 +274,9 @@ class Sweep:
         repeats: int,
         with_7b: bool,
         on_step: Callable[[], Any] | None = None,
+        engine: str = "loop",
     ) -> None:
+        self.engine = engine
         self.model, self.inputs, self.steps, self.eos, self.pad = model, inputs, steps, eos, pad
         self.repeats, self.with_7b, self.on_step = repeats, with_7b, on_step
         self.shape = DecoderShape.from_config(model)
@@ -243,7 +287,14 @@ class Sweep:
         outs, prefill, decode = [], [], []
         for _ in range(self.repeats):
             out, clock = run_policy(
-                self.model, self.inputs, policy, self.steps, self.eos, self.pad, self.on_step
+                self.model,
+                self.inputs,
+                policy,
+                self.steps,
+                self.eos,
+                self.pad,
+                self.on_step,
+                self.engine,
             )
             outs.append(out)
             prefill.append(clock.prefill_seconds)

@@ -91,7 +91,9 @@ def text_config(model: nn.Module):
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The text decoder's layers (`model.model.language_model.layers` for every family)."""
-    return model.model.language_model.layers
+    layers = model.model.language_model.layers
+    assert isinstance(layers, nn.ModuleList)
+    return layers
 
 
 def media_token_ids(model: nn.Module) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..llava import prompt_token_type
+from ..llava import Trace, prompt_token_type
 from ..policies import NoPrune, Policy, StepStats
 from ..token_types import TokenType
 from ._compat import decoder_layers, family_of, media_token_ids, text_config
@@ -46,7 +46,10 @@ class HFTrace:
         removed_step: int64 [B, S], the step each prompt slot left layers >= k, -1 never.
         token_type: int8 [B, S], the prompt's slot types.
         prefill_rows: rows layers >= k computed at the prefill (S without pruning).
+        cache_length: int64 [T, 2], slots held after step t by layers < k and by layers >= k
+            (0 in the second column without a pruned layer).
         first_pruned_layer: k, or None.
+        stats_layer: the scoring layer, or None.
     """
 
     kept_image: Tensor
@@ -58,7 +61,38 @@ class HFTrace:
     removed_step: Tensor
     token_type: Tensor
     prefill_rows: int
+    cache_length: Tensor
     first_pruned_layer: int | None
+    stats_layer: int | None
+
+    @property
+    def num_image(self) -> Tensor:
+        """int64 [B], image tokens per prompt."""
+        return (self.token_type == TokenType.IMAGE).sum(dim=1)
+
+    @property
+    def positions(self) -> Tensor:
+        """int64 [T, B], the rotary (text) position of the token each step feeds: generate()'s
+        count of real tokens, whatever was pruned."""
+        steps = self.kept_image.shape[0]
+        real = (self.token_type >= 0).sum(dim=1)
+        return real[None] - 1 + torch.arange(steps)[:, None]
+
+    def to_llava_trace(self) -> Trace:
+        """The same record as `dyrate_ext.llava.Trace` (for `dyrate_ext.flops.trace_flops`,
+        the demo's tables and plots)."""
+        return Trace(
+            kept_image=self.kept_image,
+            rate=self.rate,
+            type_mass=self.type_mass,
+            positions=self.positions,
+            cache_length=self.cache_length,
+            removed_step=self.removed_step,
+            token_type=self.token_type,
+            num_image=self.num_image,
+            first_pruned_layer=self.first_pruned_layer,
+            stats_layer=self.stats_layer,
+        )
 
 
 def prompt_types(input_ids: Tensor, attention_mask: Tensor | None, media: Tensor) -> Tensor:
@@ -159,7 +193,7 @@ class PruningSession:
             return out
 
         generate.__doc__ = original.__doc__
-        model.generate = generate
+        model.__dict__["generate"] = generate  # an instance attribute: pipelines see it too
 
     def remove(self) -> None:
         for h in self._handles:
@@ -219,6 +253,7 @@ class PruningSession:
         self._mass: list[Tensor] = []
         self._bytes: list[int] = []
         self._live: list[int] = []
+        self._lengths: list[tuple[int, int]] = []
         self._prune_calls = 0
         self._prefill_rows = types.shape[1]
         self._plan: tuple[Tensor, Tensor] | None = None
@@ -231,6 +266,9 @@ class PruningSession:
         self._rates.append(self._rate.to(torch.float32).cpu())
         self._bytes.append(cache.nbytes())
         self._live.append(cache.live_nbytes())
+        self._lengths.append(
+            (cache.full.length, 0 if cache.pruned is None else cache.pruned.length)
+        )
         self.active = None
 
     def _finish(self) -> HFTrace | None:
@@ -246,7 +284,9 @@ class PruningSession:
             removed_step=self._removed.cpu(),
             token_type=self.types.cpu(),
             prefill_rows=self._prefill_rows,
+            cache_length=torch.tensor(self._lengths, dtype=torch.int64),
             first_pruned_layer=self.k,
+            stats_layer=self.stats_layer,
         )
 
     # ---- the scoring layer and layers >= k --------------------------------------------------------
