@@ -276,3 +276,19 @@ def test_cli_end_to_end(tmp_path):
         main([*common, "--budget", "0.9", "--k", "3", "--out", str(out)])
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
         main([*common, "--budget", "1.2", "--out", str(out)])
+
+
+def test_greedy_targets_are_the_unpruned_models_captions():
+    from dyrate_ext.train.caption_batches import greedy_targets
+
+    model = tiny_llava(kv_heads=2)
+    model.generation_config.eos_token_id = 72  # a token the random model emits (sample 0)
+    batch = _batches(1)[0]
+    (g,) = greedy_targets(model, [batch], max_new_tokens=12, progress=False)
+    stops = (g.caption_ids == 72) & g.caption_mask.bool()
+    assert (stops.sum(dim=1) <= 1).all()  # at most one stop token inside the mask
+    assert (g.caption_mask.sum(dim=1) < 12).any()  # some caption really stopped early
+    masked = MaskedLlava(model, 2)
+    prep = masked.prepare(g)
+    teacher = masked.upper(prep, None).argmax(-1)
+    assert torch.equal(teacher[prep.row_valid], g.caption_ids[prep.row_valid])

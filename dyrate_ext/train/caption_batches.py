@@ -8,6 +8,7 @@ per epoch-independent batch, picked by the seed. The prompt is LLaVA-1.5's templ
 question with the tiny model's short system prompt by default (`default_template`; for a
 llava-1.5-hf checkpoint pass "USER: <image>\\n{question} ASSISTANT:"); the
 caption is tokenised without special tokens, then the stop token, cut to `max_caption_tokens`.
+`greedy_targets` swaps the references for the unpruned model's own greedy captions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from PIL import Image
 
 from .masked_forward import CaptionBatch
 
-__all__ = ["Example", "build_batches", "check_template", "default_template", "load_examples"]
+__all__ = [
+    "Example",
+    "build_batches",
+    "check_template",
+    "default_template",
+    "greedy_targets",
+    "load_examples",
+]
 
 
 @dataclass
@@ -137,3 +145,34 @@ def build_batches(
             )
         )
     return batches
+
+
+@torch.no_grad()
+def greedy_targets(
+    model: Any, batches: list[CaptionBatch], max_new_tokens: int, progress: bool = True
+) -> list[CaptionBatch]:
+    """The batches with their captions replaced by the unpruned model's own greedy captions
+    (`dyrate_ext.llava.generate`, NoPrune), each up to and including its stop token: teacher
+    forcing then follows the tokens inference actually decodes."""
+    from tqdm.auto import tqdm
+
+    from ..llava import NoPrune, generate
+
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    device = model.lm_head.weight.device
+    out = []
+    for b in tqdm(batches, desc="greedy captions", disable=not progress, leave=False):
+        g = generate(
+            model,
+            b.input_ids.to(device),
+            b.pixel_values.to(device),
+            b.attention_mask.to(device),
+            policy=NoPrune(),
+            max_new_tokens=max_new_tokens,
+        ).new_tokens.cpu()
+        stop = torch.isin(g, eos).to(torch.int64)
+        before = stop.cumsum(dim=1) - stop  # stop tokens seen before each position
+        mask = (before == 0).to(torch.int64)
+        out.append(CaptionBatch(b.input_ids, b.attention_mask, b.pixel_values, g, mask))
+    return out

@@ -48,7 +48,13 @@ from torch import Tensor
 
 from ..flops import DecoderShape
 from ..predictor import RatePredictor
-from .caption_batches import build_batches, check_template, default_template, load_examples
+from .caption_batches import (
+    build_batches,
+    check_template,
+    default_template,
+    greedy_targets,
+    load_examples,
+)
 from .gumbel import expected_flops, st_gumbel_softmax, temperature
 from .masked_forward import CaptionBatch, MaskedLlava, Prepared, keep_masks
 
@@ -317,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tau-start", type=float, default=1.0)
     ap.add_argument("--tau-end", type=float, default=0.1)
     ap.add_argument("--quality", choices=("kl", "nll"), default="kl")
+    ap.add_argument(
+        "--targets",
+        choices=("reference", "greedy"),
+        default="reference",
+        help="teacher-force the reference captions or the unpruned model's greedy captions",
+    )
     ap.add_argument("--init", help="start from this RatePredictor file")
     ap.add_argument(
         "--prompt-template",
@@ -374,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = build_batches(
         examples, processor, args.batch_size, args.max_caption_tokens, args.seed, template
     )
+    if args.targets == "greedy":
+        batches = greedy_targets(model, batches, args.max_caption_tokens, not args.quiet)
     res = train_predictor(
         model, batches, k=args.k, budget=args.budget, num_rates=args.num_rates, lam=args.lam,
         epochs=args.epochs, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
@@ -395,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": str(args.budget),
         "lambda": str(args.lam),
         "quality": args.quality,
+        "targets": args.targets,
         "seed": str(args.seed),
         "data": args.data or f"embedded:{args.style}:train[:{args.limit}]",
         "prompt_template": template,
