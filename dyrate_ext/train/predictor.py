@@ -25,6 +25,23 @@ Loss = quality + lambda * (E[FLOPs] - budget)^2.
     (0, 1] is that fraction. A budget below what the data allows (every step at the largest
     rate (K-1)/K) is rejected with the reachable floor in the message.
 
+Teacher forcing follows the reference captions, or with `--targets greedy` the unpruned
+model's own greedy captions (the tokens inference decodes when pruning keeps the answer).
+
+The never-grow rule. Inference keeps min(asked, held) image tokens and removes, at each step,
+the lowest-scored of those still held. Training does the same: class j's mask at step t is the
+best min(n - floor(j n / K), held) held tokens by step t's score, and the held set after step t
+is the chosen (hard) class's mask, a running intersection. So with the same hard decisions the
+masked forward equals `dyrate_ext.llava.generate` (tested, float32, atol 1e-4). What it leaves:
+earlier decisions reach later steps only through the discrete held set (no gradient to them
+from later steps' quality), and a step whose class asks for more than is held gets the gradient
+of masks that all equal the held set. The FLOPs term does see the rule (min in the mean-field
+recursion). The log records how often the rule binds ("clamped_steps").
+
+Statistics: the scoring-layer type mass and FastV scores come from the repo's op
+(`dyrate_ext.ops.attention_stats_from_probs`, no gradient needed: the VLM is frozen); the
+masked attention and the mask mixing are plain torch (gradients flow through them).
+
 The type mass is standardised (per feature, over the training rows) while training; the affine
 map is folded into the linear layer at the end, so the saved RatePredictor takes the raw type
 mass as `DyRate` gives it. The file's metadata records k, K, budget, lambda, seed, the model
