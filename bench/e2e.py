@@ -27,6 +27,12 @@ Measured per policy and batch size:
   does not give memory back); on CUDA also torch.cuda.max_memory_allocated of the run;
 - decoder FLOPs (`dyrate_ext.flops`) as % of NoPrune at the same batch size.
 Ratios to NoPrune come from the same run.
+
+`--engine hf` runs the same policies through Hugging Face's own `model.generate()` inside
+`dyrate_ext.hf.pruning` instead of the reference loop; the allocated KV cache is then the
+bytes the PruningCache really holds (peak over steps; `held_vs_live_kv` is its largest ratio
+to the live slots), and a "generate()" row per batch size times vanilla `model.generate()`
+(no pruning, transformers' DynamicCache, whose bytes are its peak).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from dyrate_ext.llava.embedded import (
     llava_prompt,
 )
 from dyrate_ext.results import run_metadata, write_results
+from dyrate_ext.timing import StepClock
 
 QUESTIONS = (
     "Describe this image in detail.",
@@ -86,6 +93,7 @@ class E2EConfig:
     dyrate_rates: int = 8
     mass_p: float = 0.9
     mass_k: int = 2
+    engine: str = "loop"
 
     def model_config(self) -> EmbeddedConfig:
         return EmbeddedConfig(
@@ -136,12 +144,64 @@ def allocated_kv_bytes(out: GenerateOutput, model: Any) -> int:
     return layers * total * _kv_bytes_per_slot(model, batch)
 
 
+def vanilla_generate(
+    model: Any, inputs: dict[str, torch.Tensor], steps: int, pad: int, on_step: Any
+) -> tuple[int, StepClock]:
+    """Hugging Face's own greedy `model.generate()` (no pruning, its DynamicCache): the bytes
+    of the key/value tensors its cache holds at the end (its peak) and the StepClock."""
+    with StepClock(model, on_step=on_step) as clock:
+        out = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+        )
+    held = sum(
+        t.numel() * t.element_size()
+        for layer in out.cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+    return held, clock
+
+
+def _hf_columns(row: dict[str, Any], runs: list[tuple[Any, ...]]) -> None:
+    """engine "hf": the bytes the PruningCache held (peak over steps) as allocated_kv_mib, and
+    the largest ratio of held to live bytes over the steps (the reallocation policy's slack)."""
+    hf_trace = runs[0][0].hf_trace
+    row["allocated_kv_mib"] = int(hf_trace.cache_bytes.max()) / 2**20
+    ratio = hf_trace.cache_bytes.double() / hf_trace.live_bytes.double()
+    row["held_vs_live_kv"] = float(ratio.max())
+
+
+def _vanilla_row(base: dict[str, Any], runs: list[tuple[int, StepClock]], batch: int) -> dict:
+    """The "generate()" row from vanilla runs, with NoPrune's row (`base`) for the ratios."""
+    decode_s = statistics.median(c.decode_seconds for _, c in runs)
+    held = max(h for h, _ in runs) / 2**20
+    row = dict(base, policy="generate()", cuda_peak_mib=None, held_vs_live_kv=1.0)
+    row.update(
+        tokens_per_s=batch * runs[0][1].decode_steps / decode_s if decode_s > 0 else float("nan"),
+        decode_s=decode_s,
+        prefill_s=statistics.median(c.prefill_seconds for _, c in runs),
+        peak_live_kv_mib=held,
+        allocated_kv_mib=held,
+    )
+    row["tokens_per_s_vs_noprune"] = row["tokens_per_s"] / base["tokens_per_s"]
+    row["peak_live_kv_vs_noprune"] = held / base["peak_live_kv_mib"]
+    row["prefill_vs_noprune"] = row["prefill_s"] / base["prefill_s"]
+    return row
+
+
 def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns {"meta": ..., "rows": [...]} (one row per policy and batch).
 
     Row keys: policy, batch, tokens_per_s, decode_s, prefill_s, decode_steps,
     peak_live_kv_mib, allocated_kv_mib, cuda_peak_mib (None on CPU), mean_kept_image,
-    flops_pct, tokens_per_s_vs_noprune, peak_live_kv_vs_noprune, prefill_vs_noprune.
+    flops_pct, tokens_per_s_vs_noprune, peak_live_kv_vs_noprune, prefill_vs_noprune. With
+    engine "hf" also held_vs_live_kv, and a row "generate()" per batch size: vanilla
+    `model.generate()` (its DynamicCache's bytes as peak_live_kv_mib and allocated_kv_mib).
     """
     from tqdm.auto import tqdm
 
@@ -153,7 +213,7 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
     shape = DecoderShape.from_config(model)
     steps = config.max_new_tokens
     rows: list[dict[str, Any]] = []
-    n_policies = 6
+    n_policies = 6 + (config.engine == "hf")
     bar = tqdm(
         total=sum(config.batch_sizes) * steps * (1 + n_policies * config.repeats),
         unit="tok",
@@ -177,6 +237,7 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
                 None,
                 tokenizer.pad_token_id,
                 lambda: bar.update(batch),
+                config.engine,
             )
             cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             return out, clock, cuda_peak
@@ -192,10 +253,17 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
         if skipped:
             bar.total -= batch * steps * config.repeats * len(skipped)
         samples: dict[str, list[tuple[Any, ...]]] = {name: [] for name, _ in policies}
+        vanilla: list[tuple[int, StepClock]] = []
         for _ in range(config.repeats):
             for name, policy in policies:
                 bar.set_description(f"B={batch} {name}")
                 samples[name].append(run(policy))
+            if config.engine == "hf":
+                bar.set_description(f"B={batch} generate()")
+                pad = tokenizer.pad_token_id
+                vanilla.append(
+                    vanilla_generate(model, inputs, steps, pad, lambda b=batch: bar.update(b))
+                )
         base: dict[str, float] = {}
         for name, _ in policies:
             runs = samples[name]
@@ -219,6 +287,8 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
                 "dyrate_high": high if name.startswith("DyRate") else None,
                 "dyrate_low": low if name.startswith("DyRate") else None,
             }
+            if config.engine == "hf":
+                _hf_columns(row, runs)
             if name == "NoPrune":
                 base = row
             row["flops_pct"] = 100.0 * row["flops"] / base["flops"]
@@ -226,6 +296,8 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
             row["peak_live_kv_vs_noprune"] = row["peak_live_kv_mib"] / base["peak_live_kv_mib"]
             row["prefill_vs_noprune"] = row["prefill_s"] / base["prefill_s"]
             rows.append(row)
+        if vanilla:
+            rows.append(_vanilla_row(base, vanilla, batch))
     bar.close()
     cfg = asdict(config)
     cfg["batch_sizes"] = list(config.batch_sizes)
@@ -261,6 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=d.image_size, help="336: 576 tokens")
     ap.add_argument("--attn", default=d.attn, choices=["sdpa", "eager"])
     ap.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--engine",
+        default=d.engine,
+        choices=["loop", "hf"],
+        help="loop: dyrate_ext.llava.generate; hf: model.generate() under dyrate_ext.hf.pruning, "
+        "plus a vanilla model.generate() row",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -279,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=args.image_size,
         attn=args.attn,
         device=args.device,
+        engine=args.engine,
     )
     result = run_e2e(config, progress=not args.no_progress)
     result["meta"]["command"] = "python bench/e2e.py " + " ".join(

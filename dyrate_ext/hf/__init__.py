@@ -18,8 +18,8 @@ No modeling file is forked; the model runs its own modules. Four pieces, install
 
 1. `PruningCache` (cache.py), a transformers `Cache`. Layers < k keep every slot; layers >= k
    share one compacted layout that `dyrate_ext.prune_kv` shrinks in place; each group keeps
-   its own `token_type` (and the pruned group the origin of each slot). Its buffers grow by an
-   eighth and are reallocated smaller once a compaction leaves them more than a quarter
+   its own `token_type` (and the pruned group the origin of each slot). Its buffers grow by a
+   sixteenth and are reallocated smaller once a compaction leaves them more than a quarter
    empty, so the bytes held follow the live slots (`session.trace.cache_bytes`).
 2. Attention functions registered with transformers' `AttentionInterface` ("dyrate_sdpa",
    "dyrate_eager", attention.py) that wrap transformers' own sdpa / eager attention: layers

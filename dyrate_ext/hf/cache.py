@@ -9,9 +9,9 @@ the full-group slot each of its slots came from (-1 empty).
 
 Storage. Each layer's keys/values live in one buffer [B, H_kv, capacity, D] of which the first
 `length` slots are live; `update` returns views [B, H_kv, length, D]. Reallocation policy:
-capacity = `fit(n) = n + max(8, n // 8)` slots whenever n slots no longer fit (growth), and
+capacity = `fit(n) = n + max(4, n // 16)` slots whenever n slots no longer fit (growth), and
 after a compaction the pruned group's buffers are reallocated to `fit(n)` as soon as their
-capacity exceeds `n + max(16, n // 4)` (shrink): the bytes held stay within about 1.25x of the
+capacity exceeds `n + max(8, n // 4)` (shrink): the bytes held stay within about 1.25x of the
 live slots (plus a few slots), and a shrink costs one copy of the live slots.
 
 Lengths. `get_seq_length()` is the number of sequence positions seen (the full group's length)
@@ -30,13 +30,13 @@ from ..token_types import TokenType
 
 
 def fit(n: int) -> int:
-    """The capacity allocated for n live slots: n plus an eighth (at least 8 slots)."""
-    return n + max(8, n // 8)
+    """The capacity allocated for n live slots: n plus a sixteenth (at least 4 slots)."""
+    return n + max(4, n // 16)
 
 
 def _too_big(capacity: int, n: int) -> bool:
-    """Shrink rule: the buffers exceed n live slots by more than a quarter (at least 16)."""
-    return capacity > n + max(16, n // 4)
+    """Shrink rule: the buffers exceed n live slots by more than a quarter (at least 8)."""
+    return capacity > n + max(8, n // 4)
 
 
 class _Group:
