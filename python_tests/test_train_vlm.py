@@ -16,6 +16,7 @@ from dyrate_ext.train.model import (
     build_tiny_processor,
     build_tiny_tokenizer,
     load_tiny_llava,
+    tiny_llava,
     tiny_prompt,
 )
 from dyrate_ext.train.vlm import IGNORE, Batcher, TrainConfig, train_vlm
@@ -54,6 +55,9 @@ def test_loss_falls_and_runs_are_bit_identical(tmp_path):
     assert a.losses == b.losses
     for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(p, q), name
+    fresh = tiny_llava(TINY, build_tiny_tokenizer()).model.vision_tower.state_dict()
+    for name, p in a.model.model.vision_tower.state_dict().items():
+        assert torch.equal(p, fresh[name]), name  # the vision tower stays frozen by default
     first, last = sum(a.losses[:3]) / 3, sum(a.losses[-3:]) / 3
     assert last < first - 0.3, a.losses
     other = train_vlm(_cfg(seed=1, steps=2), progress=False)

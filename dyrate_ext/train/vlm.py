@@ -5,7 +5,8 @@ reproducible and a resumed position needs no data state), a style per sample ("d
 probability `dense_fraction`) and one of its reference captions, and minimises the caption's
 next-token cross-entropy (prompt tokens are not scored; the caption ends with </s>). Sequences
 are right-padded, so the real tokens sit at positions 0..n-1 exactly as in
-`dyrate_ext.llava.generate`. Everything trains: vision tower, projector, decoder.
+`dyrate_ext.llava.generate`. The projector and the decoder train; the vision tower keeps its
+seeded random weights unless `train_vision` (see TrainConfig).
 
     python -m dyrate_ext.train vlm                     # defaults: the committed checkpoint
     python -m dyrate_ext.train vlm --steps 50 --out /tmp/tiny --batch-size 8
@@ -61,17 +62,22 @@ IGNORE = -100
 class TrainConfig:
     """Optimisation settings (defaults: `make train-vlm`)."""
 
-    steps: int = 1600
+    steps: int = 2000
     batch_size: int = 16
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 50
     weight_decay: float = 0.01
     clip: float = 1.0
-    dense_fraction: float = 0.35
+    dense_fraction: float = 0.5
+    train_vision: bool = False
+    """Train the vision tower too. Off by default: trained from scratch together with the
+    decoder, the tower collapsed to a near-constant output (the decoder learned the captions'
+    language prior first and used the image tokens as an attention sink); its random,
+    frozen features keep colour, shape and position, and the projector learns to read them."""
     train_scenes: int = DEFAULT_SIZES["train"]
     val_samples: int = 48
-    val_every: int = 200
+    val_every: int = 250
     seed: int = 0
     init: str | None = None
     """A checkpoint folder to start from (continued training) instead of random weights."""
@@ -186,10 +192,12 @@ def _train(cfg: TrainConfig, out: Path | None, progress: bool) -> TrainResult:
     if cfg.init is not None:  # continue from saved weights (sizes must match cfg.model)
         model.load_state_dict(load_tiny_llava(cfg.init)[0].state_dict())
     model.train()
+    model.model.vision_tower.requires_grad_(cfg.train_vision)
     batcher = Batcher(processor, cfg.model, cfg.train_scenes, cfg.dense_fraction)
     val_batch = batcher.batch(random.Random(cfg.seed + 1), cfg.val_samples, split="val")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
         lr=cfg.lr,
