@@ -26,7 +26,7 @@ from torch import Tensor
 VOCAB = 200
 IMAGE, VIDEO, VSTART, VEND = 190, 191, 192, 193
 NUM_LAYERS, NUM_HEADS, KV_HEADS = 4, 4, 2
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "onevision")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "onevision", "internvl")
 
 
 def _text_kwargs() -> dict:
@@ -120,6 +120,28 @@ def _onevision(seed: int):
     return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
+def _internvl(seed: int):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=(32, 32),
+        patch_size=(4, 4),
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**_text_kwargs()),
+        image_token_id=IMAGE,
+        image_seq_length=INTERNVL_TILE_TOKENS,
+    )
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration(config).eval()
+
+
 def tiny_model(family: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
     """A tiny float32 model of `family` with `attn` attention, deterministic for a seed."""
     if family == "llava":
@@ -128,6 +150,8 @@ def tiny_model(family: str, attn: str = "eager", seed: int = 0) -> torch.nn.Modu
         model = _qwen_vl("2" if family == "qwen2_vl" else "2.5", seed)
     elif family == "onevision":
         model = _onevision(seed)
+    elif family == "internvl":
+        model = _internvl(seed)
     else:
         raise ValueError(f"unknown family {family!r}")
     _peaked(model, seed)
@@ -216,6 +240,22 @@ def _onevision_batch(model, batch: int, seed: int) -> dict:
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=image_sizes)
 
 
+INTERNVL_TILE_TOKENS = 16  # (32 / 4)^2 patches, pixel-shuffled by 0.5 x 0.5
+INTERNVL_TILES = [2, 1, 3]  # tiles per sample's image
+
+
+def _internvl_batch(model, batch: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    tiles = [INTERNVL_TILES[b % len(INTERNVL_TILES)] for b in range(batch)]
+    rows = []
+    for b in range(batch):
+        n = tiles[b] * INTERNVL_TILE_TOKENS
+        rows.append(torch.cat([_text(gen, 3 + b), torch.full((n,), IMAGE), _text(gen, 4 + b)]))
+    ids, mask, _ = _left_pad(rows)
+    pixels = torch.randn(sum(tiles), 3, 32, 32, generator=gen)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
 def tiny_batch(family: str, model, batch: int, seed: int = 0) -> dict:
     """Left-padded prompts for `model.generate(**inputs)` (see the module docstring)."""
     if family == "llava":
@@ -227,6 +267,8 @@ def tiny_batch(family: str, model, batch: int, seed: int = 0) -> dict:
         return _qwen_batch(model, batch, seed)
     if family == "onevision":
         return _onevision_batch(model, batch, seed)
+    if family == "internvl":
+        return _internvl_batch(model, batch, seed)
     raise ValueError(f"unknown family {family!r}")
 
 

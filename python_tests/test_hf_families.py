@@ -1,4 +1,5 @@
-"""dyrate_ext.hf on Qwen2-VL, Qwen2.5-VL (M-RoPE) and LLaVA-OneVision (Qwen2 text, AnyRes).
+"""dyrate_ext.hf on Qwen2-VL, Qwen2.5-VL (M-RoPE), LLaVA-OneVision (Qwen2 text, AnyRes) and
+InternVL (Qwen2 text, a variable number of 16-token tiles per image).
 
 - NoPrune inside generate() == vanilla generate() token for token (eager and sdpa, batch 1 and
   left-padded batch 3).
@@ -22,10 +23,15 @@ from hf_models import IMAGE, NUM_HEADS, QWEN_GRIDS, masked_reference, tiny_batch
 import dyrate_ext.hf as hf
 from dyrate_ext import VTW, AttentionMass, DyRate, FastV, NoPrune, RatePredictor
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "onevision"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "onevision", "internvl"]
 STEPS = 8
 # The image mass at layer 1 of each tiny model drifts over ~10 steps within these bounds.
-MASS = {"qwen2_vl": (0.65, 0.35), "qwen2_5_vl": (0.65, 0.35), "onevision": (0.9, 0.7)}
+MASS = {
+    "qwen2_vl": (0.65, 0.35),
+    "qwen2_5_vl": (0.65, 0.35),
+    "onevision": (0.9, 0.7),
+    "internvl": (0.82, 0.6),
+}
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ FAMILIES: dict[str, Family] = {
     "LlavaOnevisionForConditionalGeneration": Family(("qwen2",)),
     "Qwen2VLForConditionalGeneration": Family(("qwen2_vl_text",), mrope=True),
     "Qwen2_5_VLForConditionalGeneration": Family(("qwen2_5_vl_text",), mrope=True),
+    "InternVLForConditionalGeneration": Family(("qwen2",)),
 }
 """Supported model classes (transformers' own), by class name."""
 
