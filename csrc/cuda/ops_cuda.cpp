@@ -116,10 +116,12 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
   TORCH_CHECK(d.D <= K::kStatsMaxTileFloats, "q's head dim D = ", d.D,
               " exceeds the CUDA kernels' limit of ", K::kStatsMaxTileFloats);
 
+  const int esize = static_cast<int>(k.element_size());
+  const bool aligned = rows_aligned16(k);
   const K::StatsPlan plan = K::plan_attention_stats(
       static_cast<int>(d.B), static_cast<int>(d.Hq), static_cast<int>(d.Hkv), static_cast<int>(d.Q),
-      static_cast<int>(d.L), static_cast<int>(d.D), static_cast<int>(k.element_size()),
-      rows_aligned16(k), sm_count());
+      static_cast<int>(d.L), static_cast<int>(d.D), esize, aligned, sm_count(),
+      K::stats_blocks_per_sm(esize, static_cast<int>(d.D), aligned));
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_max = at::empty({d.B, d.Hq, d.Q, plan.chunks}, f32);

@@ -54,7 +54,7 @@ __device__ __forceinline__ float dot_acc(const float* q, const float (&k)[V], fl
 // the group (row r = g * Q + i is query head hkv * G + g, row i) go through shared memory in
 // tiles of rows_per_tile rows.
 template <typename T, int V, bool kScores>
-__global__ void __launch_bounds__(kStatsThreads, 4)
+__global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
     qk_kernel(const QKArgs<T> a, const StatsPlan plan,
               float* __restrict__ part_max,    // [B, H_q, Q, C]: written (pass 1) / read (pass 2)
               float* __restrict__ part_sum,    // [B, H_q, Q, C]
@@ -62,6 +62,9 @@ __global__ void __launch_bounds__(kStatsThreads, 4)
               float* __restrict__ head_score)  // [B, H_q, L] (pass 2 only)
 {
   constexpr int RT = kStatsRowTile;
+  // Keys in flight per thread: fewer where more registers are live (pass 2's running sums,
+  // float32's wider rows) so that nothing spills at kStatsMinBlocksPerSm blocks per SM.
+  constexpr int U = V == 1 ? 1 : (kScores || sizeof(T) == 4 ? 2 : kStatsKeysInFlight);
   constexpr int kWarps = kStatsThreads / 32;
   extern __shared__ float4 dyn_smem[];
   float* q_tile = reinterpret_cast<float*>(dyn_smem);  // [rows_per_tile, D]
@@ -130,60 +133,83 @@ __global__ void __launch_bounds__(kStatsThreads, 4)
     const int i_last = i_first + rn - 1 < Q ? i_first + rn - 1 : Q - 1;
     const int j_any = a.causal ? L - Q + i_last : L - 1;
 
-    for (int round = 0; round < rounds; ++round) {
-      const int j = j_begin + round * groups + group;
-      const bool in_range = j < j_end;
-      const int t =
-          in_range ? static_cast<int>(types[static_cast<int64_t>(j) * a.tt_stride_l]) : -1;
-      const bool valid = t >= 0 && t < a.num_types;
-      float acc[RT];
+    // Rounds go in batches of U: every key and type load of a batch is issued before any of
+    // them is used, so U independent 16-byte loads per thread are in flight. A key load does
+    // not wait for its slot's type (an empty slot's key is loaded and ignored).
+    for (int round0 = 0; round0 < rounds; round0 += U) {
+      typename VecLoad<T, V>::Raw raw[U] = {};
+      int8_t type_of[U];
 #pragma unroll
-      for (int r = 0; r < RT; ++r) acc[r] = 0.f;
-      if (valid && j <= j_any) {
-        const T* krow = k_base + static_cast<int64_t>(j) * a.k_stride_l;
-        for (int v = sub; v < nvec; v += S) {
+      for (int u = 0; u < U; ++u) {
+        const int j = j_begin + (round0 + u) * groups + group;
+        const bool in_range = round0 + u < rounds && j < j_end;
+        type_of[u] = in_range ? types[static_cast<int64_t>(j) * a.tt_stride_l] : int8_t{-1};
+        if (in_range && j <= j_any && sub < nvec) {
+          raw[u] = VecLoad<T, V>::load(k_base + static_cast<int64_t>(j) * a.k_stride_l + sub * V);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (round0 + u >= rounds) break;  // uniform over the block
+        const int j = j_begin + (round0 + u) * groups + group;
+        const bool in_range = j < j_end;
+        const int t = type_of[u];
+        const bool valid = t >= 0 && t < a.num_types;
+        float acc[RT];
+#pragma unroll
+        for (int r = 0; r < RT; ++r) acc[r] = 0.f;
+        if (valid && j <= j_any && sub < nvec) {
           float kf[V];
-          VecLoad<T, V>::run(krow + v * V, kf);
+          VecLoad<T, V>::convert(raw[u], kf);
 #pragma unroll
           for (int r = 0; r < RT; ++r) {
-            if (r < rn) acc[r] = dot_acc<V>(q_tile + r * D + v * V, kf, acc[r]);
+            if (r < rn) acc[r] = dot_acc<V>(q_tile + r * D + sub * V, kf, acc[r]);
           }
-        }
-      }
-      // Pass 2: one thread owns slot j for the whole block and adds the rows of each head in
-      // row order, as a run of rows per head, tile after tile.
-      const bool owner = in_range && sub == 0;
-      int run_h = hkv * G + r0 / Q;
-      float run = 0.f;
+          // Head dims beyond S vectors (D > 256 in half types): the remaining vectors.
+          const T* krow = k_base + static_cast<int64_t>(j) * a.k_stride_l;
+          for (int v = sub + S; v < nvec; v += S) {
+            VecLoad<T, V>::convert(VecLoad<T, V>::load(krow + v * V), kf);
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        if (r < rn) {  // uniform over the block
-          float x = acc[r];
-          for (int off = S >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-          const bool allowed = valid && (!a.causal || j <= L - Q + row_i[r]);
-          const float logit = allowed ? a.scale * x : -INFINITY;
-          if constexpr (kScores) {
-            const float p = logit == -INFINITY ? 0.f : expf(logit - st_a[r]) * st_b[r];
-            if (r > 0 && row_i[r] == 0) {  // the rows of the next head start
-              if (owner) head_score[static_cast<int64_t>(b * Hq + run_h) * L + j] += run;
-              ++run_h;
-              run = 0.f;
-            }
-            run += p;
-          } else {
-            if (logit > st_a[r]) {
-              st_b[r] = st_b[r] * expf(st_a[r] - logit) + 1.f;
-              st_a[r] = logit;
-            } else if (logit != -INFINITY) {
-              st_b[r] += expf(logit - st_a[r]);
-            }
-            if (logits != nullptr && owner) {
-              logits[(row_base + r0 + r) * L + j] = logit;
+            for (int r = 0; r < RT; ++r) {
+              if (r < rn) acc[r] = dot_acc<V>(q_tile + r * D + v * V, kf, acc[r]);
             }
           }
         }
+        // Pass 2: one thread owns slot j for the whole block and adds the rows of each head in
+        // row order, as a run of rows per head, tile after tile.
+        const bool owner = in_range && sub == 0;
+        int run_h = hkv * G + r0 / Q;
+        float run = 0.f;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          if (r < rn) {  // uniform over the block
+            float x = acc[r];
+            for (int off = S >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+            const bool allowed = valid && (!a.causal || j <= L - Q + row_i[r]);
+            const float logit = allowed ? a.scale * x : -INFINITY;
+            if constexpr (kScores) {
+              const float p = logit == -INFINITY ? 0.f : expf(logit - st_a[r]) * st_b[r];
+              if (r > 0 && row_i[r] == 0) {  // the rows of the next head start
+                if (owner) head_score[static_cast<int64_t>(b * Hq + run_h) * L + j] += run;
+                ++run_h;
+                run = 0.f;
+              }
+              run += p;
+            } else {
+              if (logit > st_a[r]) {
+                st_b[r] = st_b[r] * expf(st_a[r] - logit) + 1.f;
+                st_a[r] = logit;
+              } else if (logit != -INFINITY) {
+                st_b[r] += expf(logit - st_a[r]);
+              }
+              if (logits != nullptr && owner) {
+                logits[(row_base + r0 + r) * L + j] = logit;
+              }
+            }
+          }
+        }
+        if (kScores && owner) head_score[static_cast<int64_t>(b * Hq + run_h) * L + j] += run;
       }
-      if (kScores && owner) head_score[static_cast<int64_t>(b * Hq + run_h) * L + j] += run;
     }
 
     if constexpr (!kScores) {
@@ -332,7 +358,7 @@ __global__ void __launch_bounds__(256)
 }  // namespace detail
 
 StatsPlan plan_attention_stats(int B, int Hq, int Hkv, int Q, int L, int D, int elem_size,
-                               bool aligned16, int sm_count) {
+                               bool aligned16, int sm_count, int blocks_per_sm) {
   StatsPlan p{};
   const int vec = 16 / elem_size;
   p.vec = aligned16 && D % vec == 0 ? vec : 1;
@@ -346,26 +372,66 @@ StatsPlan plan_attention_stats(int B, int Hq, int Hkv, int Q, int L, int D, int 
   p.rows_per_tile = rows > kStatsRowTile ? kStatsRowTile : rows;
   p.store_logits = Q <= kStatsMaxStoredRows;
 
-  // Enough blocks to fill the device about four times, each chunk at least `groups` slots so
-  // that every lane group has a key; with Q large the partials [B, H_q, Q, C] stay within
-  // 4 B H_q L floats.
-  const int64_t target = 4LL * (sm_count > 0 ? sm_count : 1);
+  // Chunks: the fewest that fill the device in whole waves. A wave is what the device holds
+  // at once (sm_count * blocks_per_sm, from the occupancy API); a grid of 1.45 waves runs as
+  // long as 2 with the second half empty, so each candidate is scored by blocks / (waves *
+  // wave) and the first reaching kStatsWaveFill wins (else the best). Each chunk keeps at
+  // least `groups` slots so that every lane group has a key; with Q large the partials
+  // [B, H_q, Q, C] stay within 4 B H_q L floats.
+  const int64_t wave =
+      static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
   const int64_t bh = static_cast<int64_t>(B) * Hkv;
-  int64_t chunks = bh > 0 ? (target + bh - 1) / bh : 1;
-  const int64_t max_chunks = (static_cast<int64_t>(L) + groups - 1) / groups;
-  if (chunks > max_chunks) chunks = max_chunks;
+  int64_t max_chunks = (static_cast<int64_t>(L) + groups - 1) / groups;
   if (!p.store_logits) {
     const int64_t scratch_cap = 4LL * L / (Q > 0 ? Q : 1);
-    if (chunks > scratch_cap) chunks = scratch_cap;
+    if (max_chunks > scratch_cap) max_chunks = scratch_cap;
   }
-  if (chunks < 1) chunks = 1;
-  int64_t len = (static_cast<int64_t>(L) + chunks - 1) / chunks;
-  len = (len + groups - 1) / groups * groups;
-  if (len < 1) len = 1;
-  p.chunk_len = static_cast<int>(len);
-  p.chunks = static_cast<int>((static_cast<int64_t>(L) + len - 1) / len);
-  if (p.chunks < 1) p.chunks = 1;
+  if (max_chunks > kStatsMaxChunks) max_chunks = kStatsMaxChunks;
+  if (max_chunks < 1) max_chunks = 1;
+  double best_fill = -1.0;
+  for (int64_t c = 1; c <= max_chunks; ++c) {
+    int64_t len = (static_cast<int64_t>(L) + c - 1) / c;
+    len = (len + groups - 1) / groups * groups;
+    if (len < 1) len = 1;
+    const int64_t chunks = (static_cast<int64_t>(L) + len - 1) / len;
+    if (chunks != c) continue;  // the rounding of len gave an earlier candidate
+    const int64_t blocks = bh * chunks;
+    const double fill = static_cast<double>(blocks) / (((blocks + wave - 1) / wave) * wave);
+    if (fill > best_fill + 1e-9) {
+      best_fill = fill;
+      p.chunk_len = static_cast<int>(len);
+      p.chunks = static_cast<int>(chunks);
+    }
+    if (fill >= kStatsWaveFill) break;
+  }
+  if (best_fill < 0) {  // L == 0
+    p.chunk_len = 1;
+    p.chunks = 1;
+  }
+  p.waves = bh > 0 ? static_cast<float>(bh * p.chunks) / static_cast<float>(wave) : 0.f;
   return p;
+}
+
+namespace detail {
+
+template <typename T>
+int qk_blocks_per_sm(int vec, size_t smem) {
+  int n = 0;
+  constexpr int kVec = vec16<T>();
+  const cudaError_t e = vec == kVec ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                          &n, qk_kernel<T, kVec, false>, kStatsThreads, smem)
+                                    : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                          &n, qk_kernel<T, 1, false>, kStatsThreads, smem);
+  return e == cudaSuccess && n > 0 ? n : 1;
+}
+
+}  // namespace detail
+
+int stats_blocks_per_sm(int elem_size, int D, bool aligned16) {
+  const StatsPlan p = plan_attention_stats(1, 1, 1, 1, 1, D, elem_size, aligned16, 1, 1);
+  const size_t smem = static_cast<size_t>(p.rows_per_tile) * (D > 0 ? D : 1) * sizeof(float);
+  return elem_size == 4 ? detail::qk_blocks_per_sm<float>(p.vec, smem)
+                        : detail::qk_blocks_per_sm<__half>(p.vec, smem);
 }
 
 namespace detail {

@@ -16,6 +16,8 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(double v) { return static_cast<float>(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
 
 // Elements per 16-byte load.
 template <typename T>
@@ -23,20 +25,26 @@ constexpr int vec16() {
   return static_cast<int>(16 / sizeof(T));
 }
 
-// V consecutive elements at p as float. For V > 1, p must be 16-byte aligned and V * sizeof(T)
-// must be 16 (the launch plan guarantees both).
+// V consecutive elements at p as float, in two halves so that a caller can issue several
+// loads before it converts any: load() returns the raw vector, convert() unpacks it. For V > 1,
+// p must be 16-byte aligned and V * sizeof(T) must be 16 (the launch plan guarantees both).
 template <typename T, int V>
 struct VecLoad {
   static_assert(V == 1, "vector loads exist for V == 16 / sizeof(T) only");
-  __device__ __forceinline__ static void run(const T* p, float (&out)[V]) {
-    out[0] = to_float(p[0]);
+  using Raw = T;
+  __device__ __forceinline__ static Raw load(const T* p) { return p[0]; }
+  __device__ __forceinline__ static void convert(const Raw& raw, float (&out)[V]) {
+    out[0] = to_float(raw);
   }
 };
 
 template <>
 struct VecLoad<float, 4> {
-  __device__ __forceinline__ static void run(const float* p, float (&out)[4]) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+  using Raw = float4;
+  __device__ __forceinline__ static Raw load(const float* p) {
+    return __ldg(reinterpret_cast<const float4*>(p));
+  }
+  __device__ __forceinline__ static void convert(const Raw& v, float (&out)[4]) {
     out[0] = v.x;
     out[1] = v.y;
     out[2] = v.z;
@@ -44,14 +52,18 @@ struct VecLoad<float, 4> {
   }
 };
 
-template <>
-struct VecLoad<__half, 8> {
-  __device__ __forceinline__ static void run(const __half* p, float (&out)[8]) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+// Eight 16-bit floats in one 16-byte load; Pair is their two-element vector type.
+template <typename T, typename Pair>
+struct HalfVecLoad {
+  using Raw = uint4;
+  __device__ __forceinline__ static Raw load(const T* p) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
+  __device__ __forceinline__ static void convert(const Raw& raw, float (&out)[8]) {
+    const Pair* h = reinterpret_cast<const Pair*>(&raw);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float2 f = __half22float2(h[e]);
+      const float2 f = to_float2(h[e]);
       out[2 * e] = f.x;
       out[2 * e + 1] = f.y;
     }
@@ -59,18 +71,9 @@ struct VecLoad<__half, 8> {
 };
 
 template <>
-struct VecLoad<__nv_bfloat16, 8> {
-  __device__ __forceinline__ static void run(const __nv_bfloat16* p, float (&out)[8]) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 f = __bfloat1622float2(h[e]);
-      out[2 * e] = f.x;
-      out[2 * e + 1] = f.y;
-    }
-  }
-};
+struct VecLoad<__half, 8> : HalfVecLoad<__half, __half2> {};
+template <>
+struct VecLoad<__nv_bfloat16, 8> : HalfVecLoad<__nv_bfloat16, __nv_bfloat162> {};
 
 // Merges the softmax partial (m2, s2) into (m, s): s is a sum of exp(logit - m). An empty
 // partial is (-inf, 0); merging two empty ones must not produce exp(-inf - -inf) = NaN.

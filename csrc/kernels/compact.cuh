@@ -22,41 +22,61 @@ namespace detail {
 
 constexpr int kCompactThreads = 256;
 constexpr int kCompactUnroll = 4;  // words per thread per chunk: 16 KiB per chunk at 16 bytes
+// Source slots staged per chunk: a chunk of kCompactThreads * kCompactUnroll words spans at
+// most that many slots plus two.
+constexpr int kCompactStaged = kCompactThreads * kCompactUnroll + 2;
 
 __device__ __forceinline__ int clamp_length(int64_t n, int L) {
   return n < 0 ? 0 : (n > L ? L : static_cast<int>(n));
 }
 
-// Moves the words of destination slots [first, n) of one row. row_words * L < 2^31 (checked
-// on the host), so word indices fit 32 bits.
+// Moves the words of destination slots [first, n) of one row, kChunk words per chunk. The
+// data path does no division and no dependent global load: each thread walks its (slot, word)
+// position by constant steps (one division per block), and each chunk's source slots are first
+// staged in shared memory with one coalesced load per slot.
 template <typename Word>
-__device__ void compact_row(char* row,         // slot 0 of the (b, h) row
-                            int64_t stride_l,  // bytes between slots
-                            int row_words,
+__device__ void compact_row(char* row,                  // slot 0 of the (b, h) row
+                            int64_t stride_l,           // bytes between slots
+                            int words,                  // words per slot
                             const int64_t* keep_index,  // row b of [B, L]
-                            int64_t ki_stride_l, int L, int first, int n) {
-  const unsigned words = static_cast<unsigned>(row_words);
-  const unsigned begin = static_cast<unsigned>(first) * words;
-  const unsigned end = static_cast<unsigned>(n) * words;
-  constexpr unsigned kChunk = kCompactThreads * kCompactUnroll;
-  for (unsigned g0 = begin; g0 < end; g0 += kChunk) {
+                            int64_t ki_stride_l, int L, int first, int n,
+                            int* src_s)  // [kCompactStaged] shared
+{
+  constexpr int kStep = kCompactThreads, kChunk = kCompactThreads * kCompactUnroll;
+  const int step_s = kStep / words, step_w = kStep % words;
+  const int chunk_s = kChunk / words, chunk_w = kChunk % words;
+  int s = first + static_cast<int>(threadIdx.x) / words;  // this thread's first element
+  int w = static_cast<int>(threadIdx.x) % words;
+  int cs = first, cw = 0;  // the chunk's first element
+  while (cs < n) {         // uniform over the block
+    // A chunk spans at most chunk_s + 2 slots from cs.
+    const int count = min(chunk_s + 2, n - cs);
+    for (int i = threadIdx.x; i < count; i += kStep) {
+      const int64_t v = keep_index[static_cast<int64_t>(cs + i) * ki_stride_l];
+      src_s[i] = v >= 0 && v < L ? static_cast<int>(v) : -1;
+    }
+    __syncthreads();  // sources staged (and the previous chunk's stores issued)
     Word vals[kCompactUnroll];
     int64_t dst[kCompactUnroll];
     bool ok[kCompactUnroll];
 #pragma unroll
     for (int u = 0; u < kCompactUnroll; ++u) {
-      const unsigned g = g0 + u * kCompactThreads + threadIdx.x;
       ok[u] = false;
       dst[u] = 0;
-      if (g < end) {
-        const unsigned s = g / words, w = g - s * words;
-        const int64_t src = keep_index[static_cast<int64_t>(s) * ki_stride_l];
-        if (src != static_cast<int64_t>(s) && src >= 0 && src < L) {
+      if (s < n) {
+        const int src = src_s[s - cs];
+        if (src != s && src >= 0) {
           const int64_t offset = static_cast<int64_t>(w) * sizeof(Word);
           vals[u] = *reinterpret_cast<const Word*>(row + src * stride_l + offset);
-          dst[u] = static_cast<int64_t>(s) * stride_l + offset;
+          dst[u] = s * stride_l + offset;
           ok[u] = true;
         }
+      }
+      s += step_s;
+      w += step_w;
+      if (w >= words) {
+        w -= words;
+        ++s;
       }
     }
     __syncthreads();  // every load of the chunk precedes every store of it
@@ -64,12 +84,19 @@ __device__ void compact_row(char* row,         // slot 0 of the (b, h) row
     for (int u = 0; u < kCompactUnroll; ++u) {
       if (ok[u]) *reinterpret_cast<Word*>(row + dst[u]) = vals[u];
     }
+    cs += chunk_s;
+    cw += chunk_w;
+    if (cw >= words) {
+      cw -= words;
+      ++cs;
+    }
   }
 }
 
 __global__ void __launch_bounds__(kCompactThreads)
     compact_kernel(const __grid_constant__ CompactTable tab) {
   __shared__ int first_moved;
+  __shared__ int src_s[kCompactStaged];
   // The table entry owning this block: the last one whose first block is <= blockIdx.x.
   int lo = 0, hi = tab.count - 1;
   while (lo < hi) {
@@ -101,19 +128,24 @@ __global__ void __launch_bounds__(kCompactThreads)
   char* row = x.data + b * x.stride_b + h * x.stride_h;
   switch (x.word_log2) {
     case 4:
-      compact_row<uint4>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      compact_row<uint4>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n,
+                         src_s);
       break;
     case 3:
-      compact_row<uint2>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      compact_row<uint2>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n,
+                         src_s);
       break;
     case 2:
-      compact_row<uint32_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      compact_row<uint32_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n,
+                            src_s);
       break;
     case 1:
-      compact_row<uint16_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      compact_row<uint16_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n,
+                            src_s);
       break;
     default:
-      compact_row<uint8_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n);
+      compact_row<uint8_t>(row, x.stride_l, x.row_words, keep_index, tab.ki_stride_l, L, first, n,
+                           src_s);
       break;
   }
 }

@@ -48,10 +48,20 @@ struct StatsPlan {
   int rows_per_tile;  // query rows held in shared memory at once (<= kStatsRowTile)
   int vec;            // elements per key load: 16 / sizeof(T) when aligned, else 1
   bool store_logits;  // Q small: pass 1 keeps the logits, pass 2 reads them instead of q.k
+  float waves;        // grid size in waves of sm_count * blocks_per_sm blocks
 };
 
 constexpr int kStatsThreads = 256;
 constexpr int kStatsRowTile = 4;
+// Key rows whose 16-byte loads one thread issues before using any of them.
+constexpr int kStatsKeysInFlight = 4;
+// Resident blocks per SM the q.k kernel is compiled for: 80 registers per thread hold the
+// keys in flight without spilling (4 blocks would cap it at 64 and spill).
+constexpr int kStatsMinBlocksPerSm = 3;
+// The grid is sized to fill at least this fraction of its last wave, and never has more than
+// kStatsMaxChunks chunks per key sequence.
+constexpr double kStatsWaveFill = 0.85;
+constexpr int kStatsMaxChunks = 256;
 // Largest Q whose logits [B, H_q, Q, L] are kept between the passes (scratch <= 8 B H_q L).
 constexpr int kStatsMaxStoredRows = 8;
 // Dynamic shared memory for the query tile (rows_per_tile * D floats): 44 KiB, leaving room for
@@ -59,10 +69,15 @@ constexpr int kStatsMaxStoredRows = 8;
 // also bounds the head dim D the CUDA attention_stats accepts.
 constexpr int kStatsMaxTileFloats = 11264;
 
-// The split for one call. sm_count is the device's multiprocessor count; aligned16 says
-// whether k's data pointer and strides allow 16-byte loads.
+// The split for one call. sm_count is the device's multiprocessor count and blocks_per_sm
+// the pass-1 kernel's occupancy (stats_blocks_per_sm); aligned16 says whether k's data pointer
+// and strides allow 16-byte loads.
 StatsPlan plan_attention_stats(int B, int Hq, int Hkv, int Q, int L, int D, int elem_size,
-                               bool aligned16, int sm_count);
+                               bool aligned16, int sm_count, int blocks_per_sm);
+
+// Resident pass-1 blocks per SM on the current device (the occupancy API; no stream work, so
+// legal during CUDA-graph capture). elem_size 2 stands for both 16-bit types.
+int stats_blocks_per_sm(int elem_size, int D, bool aligned16);
 
 // Pass 1, grid (C, B, H_kv): per query row and key chunk, the softmax partials (max, sum of
 // exp) over the allowed slots of the chunk; with plan.store_logits also every logit (-inf
@@ -129,6 +144,10 @@ struct SelectArgs {
   int64_t* keep_index;  // [B, L], contiguous output
   int64_t* new_length;  // [B], contiguous output
 };
+
+// Longest row select_keep stages in shared memory (5 bytes a slot: 40 KiB, under the 48 KiB a
+// launch may use with the kernel's 1.2 KiB of static shared memory).
+constexpr int kSelectStagedSlots = 8192;
 
 // One block per sample: radix select of the keep_count-th best target slot, then an
 // ascending block scan that writes keep_index (kept slots, then -1) and new_length.

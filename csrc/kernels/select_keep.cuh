@@ -7,6 +7,10 @@
 // taken in ascending slot order, which is exactly the index tie-break. A final ascending
 // block scan writes the kept slots, then -1. Histograms use integer shared-memory atomics,
 // whose result does not depend on their order, so the output is deterministic.
+//
+// The row is read from global memory once: rows of up to kSelectStagedSlots slots are staged
+// in shared memory (keys and types, 5 bytes a slot) and the five passes read them there;
+// longer rows read global memory in every pass.
 #pragma once
 
 #include "common.cuh"
@@ -25,13 +29,31 @@ __device__ __forceinline__ uint32_t score_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Key and type of slot j: from the staged copy in shared memory or from global memory.
+template <bool kStaged>
+struct RowView {
+  const float* score;
+  const int8_t* types;
+  int64_t ts_stride, tt_stride;
+  const uint32_t* keys_s;  // [L] staged keys (target slots only), or unused
+  const int8_t* types_s;   // [L] staged types, or unused
+  __device__ __forceinline__ int type(int j) const {
+    return kStaged ? types_s[j] : static_cast<int>(types[j * tt_stride]);
+  }
+  __device__ __forceinline__ uint32_t key(int j) const {
+    return kStaged ? keys_s[j] : score_key(score[j * ts_stride]);
+  }
+};
+
 // Modes of one sample, decided once its target count n is known.
 constexpr int kKeepNoTarget = 0;    // want == 0
 constexpr int kKeepAllTargets = 1;  // want == n
 constexpr int kSelectTargets = 2;   // 0 < want < n
 
-__global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const SelectArgs a) {
+template <bool kStaged>
+__global__ void __launch_bounds__(kSelectThreads, 1) select_keep_kernel(const SelectArgs a) {
   constexpr int kWarps = kSelectThreads / 32;
+  extern __shared__ uint4 select_smem[];
   __shared__ unsigned hist[256];
   __shared__ int counts_a[kWarps];
   __shared__ int counts_b[kWarps];
@@ -41,10 +63,26 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const Selec
 
   const int b = blockIdx.x;
   const int L = a.L;
-  const float* score = a.token_score + b * a.ts_stride_b;
-  const int8_t* types = a.token_type + b * a.tt_stride_b;
+  RowView<kStaged> row{a.token_score + b * a.ts_stride_b,
+                       a.token_type + b * a.tt_stride_b,
+                       a.ts_stride_l,
+                       a.tt_stride_l,
+                       reinterpret_cast<const uint32_t*>(select_smem),
+                       reinterpret_cast<const int8_t*>(select_smem) + 4 * static_cast<int64_t>(L)};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int iters = (L + kSelectThreads - 1) / kSelectThreads;
+  if constexpr (kStaged) {
+    uint32_t* keys_s = reinterpret_cast<uint32_t*>(select_smem);
+    int8_t* types_s = reinterpret_cast<int8_t*>(select_smem) + 4 * static_cast<int64_t>(L);
+    const RowView<false> global{row.score,     row.types, row.ts_stride,
+                                row.tt_stride, nullptr,   nullptr};
+    for (int j = threadIdx.x; j < L; j += kSelectThreads) {
+      const int t = global.type(j);
+      types_s[j] = static_cast<int8_t>(t);
+      keys_s[j] = static_cast<int64_t>(t) == a.target_type ? global.key(j) : 0u;
+    }
+    // The first pass's barrier (after clearing hist) orders these stores before any read.
+  }
 
   uint32_t prefix = 0, mask = 0;
   unsigned remaining = 0;
@@ -55,8 +93,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const Selec
     for (int it = 0; it < iters; ++it) {
       const int j = it * kSelectThreads + threadIdx.x;
       unsigned digit = 256;  // not counted
-      if (j < L && static_cast<int64_t>(types[j * a.tt_stride_l]) == a.target_type) {
-        const uint32_t key = score_key(score[j * a.ts_stride_l]);
+      if (j < L && static_cast<int64_t>(row.type(j)) == a.target_type) {
+        const uint32_t key = row.key(j);
         if ((key & mask) == prefix) digit = (key >> shift) & 255u;
       }
       // One atomic per distinct digit in the warp: many equal scores would serialise on a bin.
@@ -115,10 +153,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const Selec
   int kept = 0, ties = 0;
   for (int it = 0; it < iters; ++it) {
     const int j = it * kSelectThreads + threadIdx.x;
-    const int t = j < L ? static_cast<int>(types[j * a.tt_stride_l]) : -1;
+    const int t = j < L ? row.type(j) : -1;
     const bool is_target = j < L && static_cast<int64_t>(t) == a.target_type;
     uint32_t key = 0;
-    if (mode == kSelectTargets && is_target) key = score_key(score[j * a.ts_stride_l]);
+    if (mode == kSelectTargets && is_target) key = row.key(j);
     const bool tie = mode == kSelectTargets && is_target && key == prefix;
     int tie_total;
     const int tie_rank = ties + block_exclusive_count(tie, counts_a, tie_total);
@@ -141,7 +179,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const Selec
 
 cudaError_t launch_select_keep(const SelectArgs& a, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
-  detail::select_keep_kernel<<<a.B, detail::kSelectThreads, 0, stream>>>(a);
+  if (a.L <= kSelectStagedSlots) {
+    const size_t smem = (static_cast<size_t>(a.L) * 5 + 15) / 16 * 16;
+    detail::select_keep_kernel<true><<<a.B, detail::kSelectThreads, smem, stream>>>(a);
+  } else {
+    detail::select_keep_kernel<false><<<a.B, detail::kSelectThreads, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 

@@ -71,6 +71,7 @@ struct State {
   std::string error;
   cudaError_t last_error = cudaSuccess;
   int sm_count = 132;
+  int blocks_per_sm = 3;
   bool interleave = true;
   unsigned max_resident = 4;
   std::map<const void*, int> smem_opt_in;

@@ -155,6 +155,13 @@ EMU_NOSAN inline cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttrib
   }
   return cudaSuccess;
 }
+// The emulator's occupancy answer is a setting (set_blocks_per_sm), not a model of the SM.
+template <typename Kernel>
+EMU_NOSAN inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int,
+                                                                           size_t) {
+  *blocks = emu::st().blocks_per_sm;
+  return cudaSuccess;
+}
 EMU_NOSAN inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   *value = emu::st().sm_count;
   return cudaSuccess;
