@@ -33,6 +33,7 @@ from dyrate_ext.llava import NoPrune, generate
 from dyrate_ext.timing import StepClock
 
 TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--max-new-tokens", "3"]
+TINY += ["--random-model"]
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,22 @@ def test_step_clock_and_hand_set_predictor(tokenizer):
     assert high > low
     # The prefill's image mass maps to class K/2 = 4 (rate 1/2).
     assert int(predictor.predict(out.trace.type_mass[0])) == 4
+
+
+def test_caption_demo_on_the_committed_model(tmp_path, capsys):
+    """The default demo: the trained tiny LLaVA, reference vs each policy's caption, CIDEr and
+    FLOPs; a predictor file given with --predictor runs as DyRate next to the hand-set one."""
+    from dyrate_ext.predictor import RatePredictor
+    from dyrate_ext.train.model import DEFAULT_CHECKPOINT, load_tiny_llava
+
+    heads = load_tiny_llava(DEFAULT_CHECKPOINT)[0].config.text_config.num_attention_heads
+    path = tmp_path / "predictor.safetensors"
+    RatePredictor(heads, 4).save(path, metadata={"k": "2", "budget": "0.8"})
+    argv = ["--images", "2", "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]
+    assert demo.main([*argv, "--predictor", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reference:" in out and "CIDEr" in out and "FLOPs %" in out
+    for name in ("NoPrune", "FastV(k=2 r=0.5)", "DyRate(k=2 budget=0.80)", "DyRate hand-set(k=2)"):
+        assert f"\n{name} " in out, name
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--engine", "hf"])  # the caption demo runs the reference loop

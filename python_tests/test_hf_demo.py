@@ -17,7 +17,7 @@ pytest.importorskip("PIL")
 from dyrate_ext import demo
 
 TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--max-new-tokens", "4"]
-TINY += ["--image-size", "112", "--no-plot", "--no-progress"]
+TINY += ["--image-size", "112", "--no-plot", "--no-progress", "--random-model"]
 
 
 def run_demo(tmp_path, engine: str) -> dict:
