@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from dyrate_ext import demo
+from dyrate_ext.llava import NoPrune, generate
 from dyrate_ext.llava.embedded import (
     EmbeddedConfig,
     build_processor,
@@ -29,7 +30,6 @@ from dyrate_ext.llava.embedded import (
     hand_set_predictor,
     llava_prompt,
 )
-from dyrate_ext.llava import NoPrune, generate
 from dyrate_ext.timing import StepClock
 
 TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--max-new-tokens", "3"]

@@ -46,8 +46,11 @@ ENGINE_NOTE = {
 
 def run_prompt_demo(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Every policy on one prompt of the LLaVA-1.5-shaped random model (or a --model
-    checkpoint): keep counts, FLOPs and times. Size: one straight sequence of steps whose
-    locals (model, inputs, sweep, bar) all feed the report; split, it reads worse."""
+    checkpoint): keep counts, FLOPs and times.
+
+    Size: one straight sequence of steps whose locals (model, inputs, sweep, bar) all feed
+    the report; split into pieces it would pass them all around.
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
