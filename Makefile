@@ -54,10 +54,11 @@ test-full: build other-builds
 demo: build
 	$(VPY) -m dyrate_ext.demo
 
-# The README's demo section: the demo at its defaults, 3 repeats, table and plot.
+# The README's demo section: the one-prompt demo on the random LLaVA-1.5-shaped model, 3
+# repeats, table and plot.
 demo-readme: build
 	mkdir -p build/demo
-	$(VPY) -m dyrate_ext.demo --repeats 3 --plot docs/demo_kept_image_tokens.png \
+	$(VPY) -m dyrate_ext.demo --random-model --repeats 3 --plot docs/demo_kept_image_tokens.png \
 		--json docs/demo.json --markdown build/demo/section.md
 	$(VPY) tools/readme_sections.py README.md demo build/demo/section.md
 

@@ -154,8 +154,12 @@ def test_caption_demo_on_the_committed_model(tmp_path, capsys):
     path = tmp_path / "predictor.safetensors"
     RatePredictor(heads, 4).save(path, metadata={"k": "2", "budget": "0.8"})
     argv = ["--images", "2", "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]
-    assert demo.main([*argv, "--predictor", str(path)]) == 0
+    js = tmp_path / "captions.json"
+    assert demo.main([*argv, "--predictor", str(path), "--json", str(js)]) == 0
     out = capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[0]["name"] == "NoPrune" and rows[0]["flops_percent"] == pytest.approx(100.0)
+    assert all(r["flops_percent"] < 100.0 for r in rows[1:]) and len(rows[0]["captions"]) == 2
     assert "reference:" in out and "CIDEr" in out and "FLOPs %" in out
     for name in ("NoPrune", "FastV(k=2 r=0.5)", "DyRate(k=2 budget=0.80)", "DyRate hand-set(k=2)"):
         assert f"\n{name} " in out, name

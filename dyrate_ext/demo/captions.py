@@ -12,6 +12,7 @@ FLOPs % of NoPrune and mean kept image tokens over `--images` test pictures.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..evaluate.__main__ import load_model, predictor_specs
 from ..evaluate.runner import Row, Spec, embedded_set, prepare, run_policy
 from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune, generate
 from ..llava.embedded import hand_set_predictor
-from ..results import format_table
+from ..results import format_table, run_metadata, write_results
 
 __all__ = ["caption_specs", "run_caption_demo", "trained_predictors"]
 
@@ -67,7 +68,7 @@ def _print_captions(data: Any, rows: list[Row]) -> None:
     print()
 
 
-def _table(rows: list[Row]) -> str:
+def _table(rows: list[Row], markdown: bool = False) -> str:
     headers = ["policy", "CIDEr", "BLEU-4", "FLOPs %", "kept img", "tokens"]
     cells = [
         [
@@ -80,7 +81,7 @@ def _table(rows: list[Row]) -> str:
         ]
         for r in rows
     ]
-    return format_table(headers, cells, markdown=False)
+    return format_table(headers, cells, markdown=markdown)
 
 
 def run_caption_demo(args: argparse.Namespace) -> int:
@@ -112,8 +113,28 @@ def run_caption_demo(args: argparse.Namespace) -> int:
     ]
     _print_captions(data, rows)
     print(_table(rows))
-    print(
-        "\nCIDEr and BLEU-4 x 100 against 5 references per picture; FLOPs: decoder, % of "
-        "NoPrune (dyrate_ext.flops); kept img: image tokens held by layers >= k, mean over steps"
-    )
+    print(LEGEND)
+    _write(args, checkpoint, data, rows)
     return 0
+
+
+LEGEND = (
+    "\nCIDEr and BLEU-4 x 100 against 5 references per picture; FLOPs: decoder, % of "
+    "NoPrune (dyrate_ext.flops); kept img: image tokens held by layers >= k, mean over steps"
+)
+
+
+def _write(args: argparse.Namespace, checkpoint: Path, data: Any, rows: list[Row]) -> None:
+    """--json (the shared results schema, captions included) and --markdown (the table)."""
+    meta = run_metadata(
+        "cpu", demo="captions", checkpoint=str(checkpoint), data=data.name, images=args.images
+    )
+    if args.json:
+        write_results(args.json, meta, [asdict(r) for r in rows])
+        print(f"json: {args.json}")
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        head = f"Measured {meta['date'][:10]} on {meta['machine']}, commit {meta['commit']}."
+        md.write_text(f"{head}\n\n{_table(rows, markdown=True)}\n")
+        print(f"markdown: {md}")
