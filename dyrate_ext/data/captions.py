@@ -131,9 +131,9 @@ def _dense(scene: Scene, rng: random.Random) -> list[str]:
 
 
 def _fit(sentences: list[str], style: str) -> str:
-    """Drop optional redundant sentences (restatement, then closing) until <= MAX_WORDS."""
+    """Drop optional redundant sentences (restatement, closing, then count) until <= MAX_WORDS."""
     parts = list(sentences)
-    optional = [3, 4] if style == "redundant" else []
+    optional = [2, 4, 3] if style == "redundant" else []
     while sum(len(caption_words(s)) for s in parts) > MAX_WORDS and optional:
         parts[optional.pop()] = ""
     text = " ".join(p for p in parts if p)
