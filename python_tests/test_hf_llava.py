@@ -138,6 +138,13 @@ def test_stop_tokens_sampling_scores_streamer(models, attn):
     expected = vanilla(model, inputs, max_new_tokens=12, eos_token_id=eos)
     out, _ = pruned(model, inputs, NoPrune(), max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(out, expected)
+    ids, px, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    for policy in (FastV(2, 0.5), AttentionMass(0.8, 2)):
+        ref = generate(
+            model, ids, px, mask, policy=policy, max_new_tokens=12, eos_token_id=eos, pad_token_id=0
+        )
+        out, _ = pruned(model, inputs, policy, max_new_tokens=12, eos_token_id=eos)
+        assert torch.equal(out, ref.sequences)
 
     sample = dict(do_sample=True, top_k=20, temperature=0.7, output_scores=True)
     sample.update(return_dict_in_generate=True)
@@ -152,6 +159,8 @@ def test_stop_tokens_sampling_scores_streamer(models, attn):
     torch.manual_seed(3)
     b, _ = pruned(model, inputs, FastV(2, 0.5), **sample)
     assert torch.equal(a.sequences, b.sequences)
+    many, trace = pruned(model, inputs, FastV(2, 0.5), do_sample=True, num_return_sequences=2)
+    assert many.shape[0] == 6 and trace.kept_image.shape == (STEPS, 6)
 
     class Collect(TextStreamer):
         def __init__(self):
