@@ -144,3 +144,21 @@ def test_export_rejects_mixed_styles(tmp_path):
         export_coco(mixed, tmp_path)
     with pytest.raises(FileNotFoundError):
         load_coco(tmp_path / "nothing")
+
+
+def test_longest_scenes_fit_in_every_paraphrase():
+    corners = ((0, "purple", "triangle"), (2, "orange", "diamond"), (6, "yellow", "triangle"))
+    objects = [SceneObject(shape, color, "small", cell) for cell, color, shape in corners]
+    scene = Scene(0, (*objects, SceneObject("diamond", "purple", "large", 8)), "black", "lines", 0)
+    for seed in range(40):
+        for style in STYLES:
+            for c in captions(scene, style, n=5, seed=seed):
+                assert MIN_WORDS <= len(caption_words(c)) <= MAX_WORDS, c
+
+
+def test_every_caption_of_sampled_train_scenes_fits():
+    for i in range(0, 20_000, 50):
+        scene = make_scene(scene_id("train", i))
+        for style in STYLES:
+            for c in captions(scene, style):
+                assert MIN_WORDS <= len(caption_words(c)) <= MAX_WORDS, c
