@@ -184,9 +184,15 @@ def test_model_restored_after_block(models):
     model = models("sdpa")
     inputs = tiny_batch("llava", model, 3)
     before = vanilla(model, inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits
     with pytest.raises(RuntimeError, match="inside"):
         with hf.pruning(model, FastV(2, 0.5)):
             assert model.config.text_config._attn_implementation == "dyrate_sdpa"
+            with torch.no_grad():  # a plain forward inside the block is the vanilla one
+                torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
+            with pytest.raises(RuntimeError, match="already inside"):
+                hf.pruning(model, NoPrune()).__enter__()
             raise RuntimeError("inside")
     assert model.config.text_config._attn_implementation == "sdpa"
     assert "generate" not in model.__dict__

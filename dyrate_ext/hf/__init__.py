@@ -40,6 +40,11 @@ No modeling file is forked; the model runs its own modules. Four pieces, install
    (beam search, assisted decoding, a cache of the caller's, right padding, a prompt ending
    with an image token) and passes a fresh PruningCache as `cache=`.
 
+Inside the block, a forward call without a PruningCache (e.g. `model(**inputs)`) is the
+vanilla one. At a pruned prefill, layers >= k see only the kept rows, so their hidden states
+(`output_hidden_states`) have fewer rows, and the logits are those of each prompt's last
+token (what `generate` asks for with `logits_to_keep=1`).
+
 Positions never come from a pruned layer: `generate` computes position ids from the attention
 mask (and Qwen2-VL's rope deltas from `get_rope_index` at the prefill), and
 `PruningCache.get_seq_length()` is the full layers' length for every layer.

@@ -155,6 +155,8 @@ class PruningSession:
         self.num_heads = int(cfg.num_attention_heads)
         policy.validate(len(self.layers), self.num_heads)
         impl = cfg._attn_implementation or "eager"
+        if impl in IMPLEMENTATIONS.values():
+            raise RuntimeError("the model is already inside a dyrate_ext.hf.pruning block")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(
                 f"dyrate_ext.hf supports attn_implementation 'eager' and 'sdpa', the model uses "
