@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ pytest.importorskip("pycocoevalcap")
 from dyrate_ext.data import load_split
 from dyrate_ext.data.scenes import Scene, SceneObject
 from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
+from dyrate_ext.evaluate.__main__ import find_predictors, predictor_specs
 from dyrate_ext.evaluate.__main__ import main as evaluate_main
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.train.model import (
@@ -104,3 +106,15 @@ def test_cli_writes_tables_json_and_plots(tiny_checkpoint, tmp_path):
     assert "| NoPrune | 100.0 |" in md and "CIDEr" in md and "NoPrune, blank image" in md
     assert (out.parent / "eval_redundant.png").stat().st_size > 1000
     assert (out.parent / "eval_dense.png").stat().st_size > 1000
+
+
+def test_predictors_beside_the_model_are_found(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(tiny_checkpoint / "model" / name, folder / name)
+    assert find_predictors(folder) == []
+    shutil.copy(tiny_checkpoint / "p.safetensors", folder / "dyrate_b80.safetensors")
+    assert find_predictors(folder) == [str(folder / "dyrate_b80.safetensors")]
+    (spec,) = predictor_specs(find_predictors(folder), default_k=3)
+    assert spec.name == "DyRate(k=2 budget=0.80)" and spec.policy.layer == 2

@@ -41,6 +41,18 @@ def predictor_specs(paths: list[str], default_k: int) -> list[Spec]:
     return specs
 
 
+def find_predictors(folder: Path) -> list[str]:
+    """The RatePredictor files in a model folder (e.g. the ones committed beside the tiny
+    LLaVA), sorted by name."""
+    from ..predictor import _FORMAT
+
+    found = []
+    for f in sorted(folder.glob("*.safetensors")):
+        if RatePredictor.metadata(f).get("format") == _FORMAT:
+            found.append(str(f))
+    return found
+
+
 def sweep(full: bool, dyrate: list[Spec]) -> list[Spec]:
     """NoPrune, the blank-image baseline, FastV r x k in {2, 3}, VTW k, AttentionMass p and the
     DyRate predictors; `full=False` keeps one or two settings per family."""
@@ -53,15 +65,15 @@ def sweep(full: bool, dyrate: list[Spec]) -> list[Spec]:
 
 
 def load_model(path: str | None, device: str):
-    """(model, processor, tokenizer, prompt builder) of a llava-hf folder, or the committed
-    tiny LLaVA when `path` is None."""
+    """(model, processor, tokenizer, prompt builder, folder) of a llava-hf folder, or the
+    committed tiny LLaVA when `path` is None."""
     from ..llava.embedded import llava_prompt
     from ..train.model import DEFAULT_CHECKPOINT, load_tiny_llava, tiny_prompt
 
     folder = Path(path) if path else DEFAULT_CHECKPOINT
     model, processor, tokenizer = load_tiny_llava(folder, device=device)
     tiny = (folder / "train_log.json").is_file()
-    return model, processor, tokenizer, (tiny_prompt if tiny else llava_prompt)
+    return model, processor, tokenizer, (tiny_prompt if tiny else llava_prompt), folder
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +82,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", help="COCO-format caption set (default: the embedded test split)")
     ap.add_argument("--n", type=int, default=200, help="images (default 200)")
     ap.add_argument("--styles", default="redundant,dense", help="embedded styles to evaluate")
-    ap.add_argument("--predictor", action="append", default=[], help="RatePredictor file")
+    ap.add_argument(
+        "--predictor",
+        action="append",
+        default=[],
+        help="RatePredictor file (repeatable; default: those in the model folder)",
+    )
+    ap.add_argument(
+        "--no-folder-predictors", action="store_true", help="no DyRate rows unless --predictor"
+    )
     ap.add_argument("--dyrate-k", type=int, default=2, help="k when a file does not say")
     ap.add_argument("--sweep", choices=("full", "small"), default="full")
     ap.add_argument("--dense-sweep", choices=("full", "small"), default="small")
@@ -85,7 +105,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
     """Run every table; returns (meta, {table name: rows})."""
-    model, processor, tokenizer, make_prompt = load_model(args.model, args.device)
+    model, processor, tokenizer, make_prompt, folder = load_model(args.model, args.device)
+    if not args.predictor and not args.no_folder_predictors:
+        args.predictor = find_predictors(folder)
     dyrate = predictor_specs(args.predictor, args.dyrate_k)
     if args.data:
         sets = [coco_set(args.data, args.n)]
@@ -146,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt and length; kept image tokens: mean over those steps of what layers >= k hold.\n"
     )
     if not args.predictor:
-        md.append("DyRate: no --predictor file given, so no DyRate row.\n")
+        md.append("DyRate: no predictor file given or found beside the model: no DyRate row.\n")
     for name, rows in tables.items():
         md.append(markdown_table(rows, name))
         style = name.split()[-1]
