@@ -16,18 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..evaluate.__main__ import load_model, predictor_specs
+from ..evaluate.__main__ import find_predictors, load_model, predictor_specs
 from ..evaluate.runner import Row, Spec, embedded_set, prepare, run_policy
 from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune, generate
 from ..llava.embedded import hand_set_predictor
 from ..results import format_table, run_metadata, write_results
 
-__all__ = ["caption_specs", "run_caption_demo", "trained_predictors"]
-
-
-def trained_predictors(checkpoint: Path) -> list[Path]:
-    """The RatePredictor files committed beside a checkpoint, sorted by name."""
-    return sorted(checkpoint.glob("predictor*.safetensors"))
+__all__ = ["caption_specs", "run_caption_demo"]
 
 
 def _hand_set(model: Any, batch: dict[str, Any], k: int, steps: int) -> Spec:
@@ -93,8 +88,8 @@ def run_caption_demo(args: argparse.Namespace) -> int:
     data = embedded_set("test", n=args.images, style=args.style)
     batches = prepare(processor, data, prompt_of(data.question), batch_size=args.batch_size)
     layers = int(model.config.text_config.num_hidden_layers)
-    paths = [Path(p) for p in args.predictor] if args.predictor else trained_predictors(checkpoint)
-    dyrate = predictor_specs([str(p) for p in paths], args.dyrate_k)
+    paths = args.predictor or find_predictors(checkpoint)
+    dyrate = predictor_specs(paths, args.dyrate_k)
     hand_set = _hand_set(model, batches[0], args.dyrate_k, args.max_new_tokens)
     print(f"model: trained tiny LLaVA from {checkpoint} ({layers} decoder layers)")
     if not dyrate:
