@@ -81,10 +81,7 @@ def _table(rows: list[Row], markdown: bool = False) -> str:
 
 def run_caption_demo(args: argparse.Namespace) -> int:
     """Run the caption demo with the options of `dyrate_ext.demo.cli`; returns the exit status."""
-    from ..train.model import DEFAULT_CHECKPOINT
-
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    model, processor, tokenizer, prompt_of = load_model(str(checkpoint), "cpu")
+    model, processor, tokenizer, prompt_of, checkpoint = load_model(args.checkpoint, "cpu")
     data = embedded_set("test", n=args.images, style=args.style)
     batches = prepare(processor, data, prompt_of(data.question), batch_size=args.batch_size)
     layers = int(model.config.text_config.num_hidden_layers)
