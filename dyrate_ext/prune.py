@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .token_types import NUM_TYPES, TokenType
 
 LayerSpec = Tensor | Sequence[Tensor]
 
@@ -66,7 +67,7 @@ def _small_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.dev
 
 
 def keep_count_from_rate(
-    token_type: Tensor, rate: float | Sequence[float] | Tensor, target_type: int = 1
+    token_type: Tensor, rate: float | Sequence[float] | Tensor, target_type: int = TokenType.IMAGE
 ) -> Tensor:
     """int64 [B]: keep n_b - floor(rate_b * n_b) of the n_b target-type slots of each sample.
 
@@ -109,7 +110,8 @@ def _flatten(layers: Sequence[LayerSpec]) -> list[Tensor]:
 def _narrow(item: LayerSpec, length: int) -> LayerSpec:
     if isinstance(item, Tensor):
         return item[:, :, :length]
-    return type(item)(t[:, :, :length] for t in item)
+    narrowed = [t[:, :, :length] for t in item]
+    return tuple(narrowed) if isinstance(item, tuple) else narrowed
 
 
 def prune_kv(
@@ -124,8 +126,8 @@ def prune_kv(
     keep_count: int | Sequence[int] | Tensor | None = None,
     scale: float | None = None,
     causal: bool = True,
-    num_types: int = 4,
-    target_type: int = 1,
+    num_types: int = NUM_TYPES,
+    target_type: int = TokenType.IMAGE,
     narrow: bool = True,
 ) -> PruneResult:
     """Remove the lowest-scored target-type (image) slots from every given layer, in place.
@@ -162,11 +164,14 @@ def prune_kv(
 
     type_mass = None
     if query is not None:
+        assert key is not None  # checked above
         type_mass, token_score = ops.attention_stats(
             query, key, token_type, scale, num_types, causal
         )
     elif probs is not None:
         type_mass, token_score = ops.attention_stats_from_probs(probs, token_type, num_types)
+    assert token_score is not None  # exactly one source was given
+    counts: int | Sequence[int] | Tensor
     if rate is not None:
         counts = keep_count_from_rate(token_type, rate, target_type)
     elif isinstance(keep_count, (list, tuple)):
@@ -174,6 +179,7 @@ def prune_kv(
             raise ValueError(f"keep_count must be >= 0, got {list(keep_count)}")
         counts = _small_tensor([int(c) for c in keep_count], torch.int64, token_type.device)
     else:
+        assert keep_count is not None  # exactly one of rate and keep_count was given
         counts = keep_count
     keep_index, new_length = ops.select_keep(token_score, token_type, counts, target_type)
 
