@@ -104,7 +104,7 @@ def test_keep_masks_hand_worked():
     ).transpose(0, 1)  # [B=1, C=3, N=7]
     # K = 4: class j keeps 4 - floor(4j/4) = 4, 3, 2, 1 tokens. Steps ask 3, 0 (-> 4), 2.
     y = F.one_hot(torch.tensor([[1, 0, 2]]), 4).float().requires_grad_(True)
-    m, kept, clamped = keep_masks(score, types, y, torch.ones(1, 3, dtype=torch.bool))
+    m, kept, clamped = keep_masks(score, types, y, torch.ones(1, 3, dtype=torch.bool), chain=True)
     want = torch.tensor(
         [
             [0, 1, 0, 1, 1, 0, 0],  # step 0 keeps a, c, d (drops b, the lowest)
@@ -118,6 +118,13 @@ def test_keep_masks_hand_worked():
     # Eq. 5: d m / d y_tj is class j's mask m^j_t (step 2, class 3 keeps the best held: a).
     m[0, 2].sum().backward()
     assert y.grad[0, 2].tolist() == [3.0, 3.0, 2.0, 1.0]
+    # chain: the removals of steps 0 and 1 last until step 2, so their choices get its gradient.
+    assert y.grad[0, 0].tolist() == [4.0, 3.0, 2.0, 1.0]
+    assert y.grad[0, 1].tolist() == [3.0, 3.0, 2.0, 1.0]
+    y.grad = None
+    m, _, _ = keep_masks(score, types, y, torch.ones(1, 3, dtype=torch.bool), chain=False)
+    m[0, 2].sum().backward()
+    assert y.grad[0, :2].abs().sum() == 0 and y.grad[0, 2].tolist() == [3.0, 3.0, 2.0, 1.0]
 
 
 def test_st_gumbel_softmax_and_temperature():

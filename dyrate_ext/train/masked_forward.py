@@ -21,7 +21,9 @@ at step t, the lowest-scored of the image tokens still held, so the per-rate mas
 row t is "the best min(n - floor(j n / K), held) of the held image tokens by row t's score"
 (ties: lower slot first, as `select_keep`); the held set after row t is the chosen class's mask
 (a running intersection). m_t = sum_j y_tj m^j_t: exact 0/1 in the forward pass, and its
-gradient reaches y_t (so pi_R). Earlier rows affect later ones only through the discrete held set.
+gradient reaches y_t (so pi_R); earlier steps act on later ones only through the discrete held
+set. Option `chain` also routes every later step's mask gradient to step s's choice (a token
+removed at step s stays removed; values unchanged).
 
 `upper` runs layers k..N-1 where row r attends with the multiplicative mask of eq. 6:
 M[r, c] = m_{t(r)}[c] on image columns, 1 on the others, 1 on the diagonal, times the causal
@@ -123,7 +125,7 @@ def rate_keep_counts(num_image: Tensor, num_rates: int) -> Tensor:
 
 
 def keep_masks(
-    token_score: Tensor, token_type: Tensor, y: Tensor, row_valid: Tensor
+    token_score: Tensor, token_type: Tensor, y: Tensor, row_valid: Tensor, chain: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-step image keep masks of eqs. 3 and 5 under inference's never-grow rule.
 
@@ -133,6 +135,10 @@ def keep_masks(
         y: float [B, C, K], a one-hot choice per step (straight-through: its value is exact
             one-hot, its gradient is the soft sample's).
         row_valid: bool [B, C]; an invalid step keeps the held set (no decision).
+        chain: let a step's decision also take the gradient of every later step's mask
+            (m_t = hard_t + sum_{s<=t} (soft_s - soft_s.detach())): the same values, but a
+            token removed at step s is missing from all later steps, and so is its cost.
+            Off by default: on the tiny LLaVA it overweights the prefill decision (measured).
 
     Returns:
         m: float [B, C, N], sum_j y_tj m^j_t (1 on kept image slots, 0 elsewhere).
@@ -162,7 +168,10 @@ def keep_masks(
         held = torch.where(valid[:, None], hard, held)
         held_count = held.sum(dim=1)
         kept.append(held_count)
-    return torch.stack(masks, dim=1), torch.stack(kept, dim=1), torch.stack(clamped, dim=1)
+    m = torch.stack(masks, dim=1)
+    if chain:
+        m = m.detach() + (m - m.detach()).cumsum(dim=1)
+    return m, torch.stack(kept, dim=1), torch.stack(clamped, dim=1)
 
 
 class MaskedLlava:

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tau-end", type=float, default=0.1)
     ap.add_argument("--quality", choices=("kl", "nll"), default="kl")
     ap.add_argument(
+        "--chain",
+        action="store_true",
+        help="route later steps' mask gradients to earlier decisions (experimental)",
+    )
+    ap.add_argument(
         "--targets",
         choices=("reference", "greedy"),
         default="reference",
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     res = train_predictor(
         model, batches, k=args.k, budget=args.budget, num_rates=args.num_rates, lam=args.lam,
         epochs=args.epochs, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
-        seed=args.seed, quality=args.quality, init=init, recompute=args.recompute,
+        seed=args.seed, quality=args.quality, init=init, recompute=args.recompute, chain=args.chain,
         progress=not args.quiet,
     )  # fmt: skip
     report: dict = {"train_seconds": res.seconds, "flops_floor": res.flops_floor}
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "lambda": str(args.lam),
         "quality": args.quality,
         "targets": args.targets,
+        "chain": str(args.chain),
         "seed": str(args.seed),
         "data": args.data or f"embedded:{args.style}:train[:{args.limit}]",
         "prompt_template": template,

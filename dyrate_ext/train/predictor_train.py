@@ -112,6 +112,7 @@ def train_predictor(
     quality: str = "kl",
     init: RatePredictor | None = None,
     recompute: bool = False,
+    chain: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Train a RatePredictor for a frozen LLaVA model on teacher-forcing batches.
@@ -148,7 +149,7 @@ def train_predictor(
             w = pred.linear.weight.clone()
             pred.linear.weight.copy_(w * std)
             pred.linear.bias.add_((w * mean).sum(dim=1))
-    objective = _Objective(masked, shape, budget, lam, quality, mean, std)
+    objective = _Objective(masked, shape, budget, lam, quality, mean, std, chain)
     opt = torch.optim.Adam(pred.parameters(), lr=lr)
     gen = torch.Generator(device=device).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
@@ -184,6 +185,7 @@ class _Objective:
     quality: str
     mean: Tensor  # [H*4] type-mass feature mean and std over the training steps
     std: Tensor
+    chain: bool = False  # keep_masks' chain option
 
     def __call__(
         self, pred: RatePredictor, c: _Cached, tau: float, gen: torch.Generator
@@ -192,7 +194,7 @@ class _Objective:
         feats = (p.type_mass.flatten(2) - self.mean) / self.std  # [B, C, H*4]
         logits = pred(feats.flatten(0, 1)).view(*feats.shape[:2], pred.num_rates)  # [B, C, K]
         y = st_gumbel_softmax(logits, tau, gen)
-        m, kept, clamped = keep_masks(p.token_score, p.token_type, y, p.row_valid)
+        m, kept, clamped = keep_masks(p.token_score, p.token_type, y, p.row_valid, self.chain)
         q = _quality(self.masked.upper(p, m), c, self.quality)
         pi = torch.softmax(logits, dim=-1)
         e_flops = expected_flops(self.shape, k, pi, p.num_image, p.prompt_length, p.row_valid)
