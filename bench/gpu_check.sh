@@ -3,11 +3,16 @@
 # (CUDA build), nvcc, pytest and compute-sanitizer:
 #     bash bench/gpu_check.sh
 # 1. builds the extension for sm_90 only (DYRATE_CUDA_ARCHS, default 9.0, to build quickly);
-# 2. runs the CUDA tests (python_tests/test_cuda_registration.py, test_cuda_ops.py);
+# 2. runs every CUDA test (-m cuda: the op suites on the cuda backend, slow shapes included,
+#    opcheck, test_cuda_ops.py), then the overlap refusal and the CUDA-graph capture tests
+#    again by name, so their result stands out in the log;
 # 3. runs bench/sanitize_case.py under compute-sanitizer memcheck and racecheck;
-# 4. runs the op benchmark on the GPU, which writes bench/results/ops-<device>.{json,md}.
+# 4. runs the op benchmark on the GPU, which writes bench/results/ops-<device>.{json,md};
+# 5. compares the measured GB/s with bench/kernel_model.py's estimate for this device (SM
+#    count from torch, bandwidth BANDWIDTH, default 3.35e12 B/s), written to
+#    bench/results/kernel_model-<device>.md.
 # Environment: PYTHON (default python), COMPUTE_SANITIZER (default compute-sanitizer),
-# DYRATE_CUDA_ARCHS, MAX_JOBS; SKIP_BENCH=1 stops after the sanitizers.
+# DYRATE_CUDA_ARCHS, MAX_JOBS, BANDWIDTH; SKIP_BENCH=1 stops after the sanitizers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -35,8 +40,16 @@ print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| 
 PY
 
 echo "== CUDA tests"
-DYRATE_EXPECT_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider \
-  python_tests/test_cuda_registration.py python_tests/test_cuda_ops.py
+DYRATE_EXPECT_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+  python_tests/test_cuda_registration.py python_tests/test_cuda_ops.py \
+  python_tests/test_attention_stats.py python_tests/test_select_keep.py \
+  python_tests/test_compact.py python_tests/test_opcheck.py
+
+echo "== overlap refusal and CUDA-graph capture"
+"$PY" -m pytest -q -rA -p no:cacheprovider -m cuda python_tests/test_compact.py \
+  -k "overlap or disjoint"
+"$PY" -m pytest -q -rA -p no:cacheprovider -m cuda python_tests/test_cuda_ops.py \
+  -k "graph or no_host_sync"
 
 echo "== compute-sanitizer"
 for tool in memcheck racecheck; do
@@ -50,3 +63,9 @@ if [ "${SKIP_BENCH:-0}" = "1" ]; then
 fi
 echo "== benchmark"
 "$PY" bench/bench_ops.py --device cuda
+
+echo "== measured GB/s against bench/kernel_model.py"
+NAME=$("$PY" -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-"))')
+SMS=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)')
+"$PY" bench/kernel_model.py --sms "$SMS" --bandwidth "${BANDWIDTH:-3.35e12}" \
+  --compare "bench/results/ops-$NAME.json" | tee "bench/results/kernel_model-$NAME.md"

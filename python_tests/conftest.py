@@ -1,8 +1,6 @@
-"""Shared fixtures and tolerance rules for the op tests.
-
-Tolerance (DESIGN.md): float32 inputs within 1e-5 relative of the float64 reference; half
-types within twice the error that eager PyTorch makes computing the same thing in that dtype
-(a fixed atol floor keeps near-zero outputs from making that bound vanish).
+"""Shared fixtures of the tests: the random generator, the SIMT emulator and `backend`, which
+runs each op test on every backend (cpu; cuda, skipped without a GPU; emulated, the CUDA kernels
+on the host SIMT emulator). Tolerances, shapes and checkers live in dyrate_ext.testing.
 """
 
 from __future__ import annotations
@@ -14,13 +12,17 @@ import pytest
 import torch
 
 import dyrate_ext
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Floor added to the "twice eager's error" bound, per dtype (atol, rtol) for fixed comparisons.
-TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-4, 1e-3), torch.bfloat16: (1e-3, 1e-2)}
+from dyrate_ext.testing import Backend, cuda_ready
 
 
 def pytest_collection_modifyitems(config, items):
+    # `make test` selects "not slow or emulated": the large grids (slow) stay off the emulator,
+    # where they would take minutes each.
+    too_slow = pytest.mark.skip(reason="large shapes are not run on the SIMT emulator")
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params and params.params.get("backend") == "emulated" and "slow" in item.keywords:
+            item.add_marker(too_slow)
     if dyrate_ext.extension_available():
         return
     skip = pytest.mark.skip(reason="dyrate_ext._C is not built")
@@ -32,21 +34,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
-
-
-def assert_close_to_reference(out, ref64, eager=None, dtype=torch.float32, what="output"):
-    """out vs float64 reference; for half dtypes the bound is 2x eager's error plus a floor."""
-    out64 = out.double()
-    err = (out64 - ref64).abs()
-    atol, rtol = TOL[dtype]
-    if dtype == torch.float32 or eager is None:
-        bound = atol + rtol * ref64.abs()
-    else:
-        eager_err = (eager.double() - ref64).abs().max()
-        bound = 2 * eager_err + atol
-    assert torch.isfinite(out64).all(), f"{what} has non-finite values"
-    worst = (err - bound).max()
-    assert worst <= 0, f"{what}: max error {err.max():.3e} exceeds its bound by {worst:.3e}"
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +59,22 @@ def emu(emu_module):
     emu_module.set_checks(True, True, True, 4)
     yield emu_module
     emu_module.set_checks(True, True, True, 4)
+
+
+BACKENDS = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.cuda),
+    pytest.param("emulated", marks=pytest.mark.emulated),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Backend:
+    """One op-test backend; cuda skips without a CUDA device and a CUDA build."""
+    if request.param == "cuda":
+        if not cuda_ready():
+            pytest.skip("needs a CUDA device and dyrate_ext built with its CUDA kernels")
+        return Backend("cuda", torch.ops.dyrate)
+    if request.param == "emulated":
+        return Backend("emulated", request.getfixturevalue("emu"))
+    return Backend("cpu", torch.ops.dyrate)

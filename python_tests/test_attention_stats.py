@@ -1,68 +1,71 @@
-"""attention_stats and attention_stats_from_probs against the float64 reference."""
+"""attention_stats and attention_stats_from_probs against the float64 reference, on every
+backend (cpu, cuda, emulated: see the `backend` fixture)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_to_reference
 
 import dyrate_ext
 from dyrate_ext import reference as ref
-from dyrate_ext.testing import LlavaShape, llava_token_type, randn, random_token_type
+from dyrate_ext.testing import (
+    DTYPES,
+    PROBS_SHAPES,
+    STATS_SHAPES,
+    STATS_SHAPES_SLOW,
+    LlavaShape,
+    check_attention_stats,
+    check_stats_from_probs,
+    llava_token_type,
+    randn,
+    random_token_type,
+)
 
-# (B, H_q, H_kv, Q, L, D, causal): B=1, odd sizes, GQA, several query rows, Q == L.
-SHAPES = [
-    (1, 1, 1, 1, 1, 1, True),
-    (1, 4, 4, 1, 33, 8, True),
-    (2, 8, 2, 3, 37, 19, True),
-    (3, 6, 3, 5, 64, 16, False),
-    (2, 4, 1, 7, 7, 33, True),
-    (1, 32, 8, 1, 129, 128, True),
-]
-SLOW_SHAPES = [(4, 32, 32, 1, 650, 128, True), (2, 40, 8, 16, 1000, 80, True)]
 
-
-def run_case(shape, dtype, gen, p_empty=0.1):
+def run_case(backend, shape, dtype, gen, p_empty=0.1):
     b, hq, hkv, qn, length, d, causal = shape
     q = randn((b, hq, qn, d), gen, dtype)
     k = randn((b, hkv, length, d), gen, dtype)
     types = random_token_type(b, length, gen, p_empty)
-    scale = d**-0.5
-    mass, score = dyrate_ext.attention_stats(q, k, types, scale, causal=causal)
-    mass64, score64 = ref.attention_stats(q.double(), k.double(), types, scale, causal=causal)
-    eager = (
-        ref.attention_stats(q, k, types, scale, causal=causal)
-        if dtype != torch.float32
-        else (None, None)
-    )
-    assert mass.dtype == torch.float32 and score.dtype == torch.float32
-    assert mass.shape == (b, hq, 4) and score.shape == (b, length)
-    assert_close_to_reference(mass, mass64, eager[0], dtype, "type_mass")
-    assert_close_to_reference(score, score64, eager[1], dtype, "token_score")
-    never = ~ref.allowed_mask(types, qn, causal).any(dim=1)
-    assert (score[never] == 0).all(), "slots never allowed must score exactly 0"
+    check_attention_stats(backend, q, k, types, max(d, 1) ** -0.5, causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(shape, dtype, gen):
-    run_case(shape, dtype, gen)
+@pytest.mark.parametrize("shape", STATS_SHAPES)
+def test_matches_reference(backend, shape, dtype, gen):
+    run_case(backend, shape, dtype, gen)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SLOW_SHAPES)
-def test_matches_reference_large(shape, dtype, gen):
-    run_case(shape, dtype, gen)
+@pytest.mark.parametrize("shape", STATS_SHAPES_SLOW)
+def test_matches_reference_large(backend, shape, dtype, gen):
+    run_case(backend, shape, dtype, gen)
 
 
-def test_empty_rows_contribute_zeros(gen):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_and_strided(backend, dtype, gen):
+    """k sliced so that 16-byte loads are impossible (the scalar path of the CUDA kernels);
+    q with a non-contiguous layout; six token types and no causal mask."""
+    big_k = backend.to(randn((2, 3, 50, 66), gen, dtype))
+    k = big_k[:, 1:3, 3:48, 1:65]  # offset of one element: misaligned
+    q = backend.to(randn((2, 5, 4, 64), gen, dtype)).transpose(1, 2)[:, :4]  # [2, 4, 5, 64]
+    types = random_token_type(2, 45, gen, 0.1, num_types=6)
+    mass, score = backend.ops.attention_stats(q, k, backend.to(types), 0.125, 6, False)
+    qc, kc = q.cpu(), k.cpu()
+    mass64, score64 = ref.attention_stats(qc.double(), kc.double(), types, 0.125, 6, False)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # float32 accumulation of exact inputs
+    torch.testing.assert_close(mass.cpu().double(), mass64, atol=tol, rtol=tol)
+    torch.testing.assert_close(score.cpu().double(), score64, atol=tol, rtol=tol)
+
+
+def test_empty_rows_contribute_zeros(backend, gen):
     q = randn((2, 4, 3, 8), gen)
     k = randn((2, 2, 10, 8), gen)
     types = random_token_type(2, 10, gen, p_empty=0.0)
     types[1] = -1  # sample 1 has no slot at all
     types[0, :8] = -1  # sample 0: row 0 sees slots <= 7, all empty
-    mass, score = dyrate_ext.attention_stats(q, k, types)
+    mass, score = check_attention_stats(backend, q, k, types, 8**-0.5)
     assert torch.isfinite(mass).all() and torch.isfinite(score).all()
     assert (mass[1] == 0).all() and (score[1] == 0).all()
     # Rows 1 and 2 of sample 0 see one and two valid slots: each row's mass sums to 1.
@@ -89,15 +92,22 @@ def test_llava_layout_mass_sums_to_one(gen):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 41), (3, 8, 1, 650)])
-def test_from_probs_matches_reference(shape, dtype, gen):
+@pytest.mark.parametrize("shape", PROBS_SHAPES)
+def test_from_probs_matches_reference(backend, shape, dtype, gen):
     b, h, qn, length = shape
-    probs = torch.rand(shape, generator=gen).to(dtype)
+    probs = torch.softmax(torch.randn(b, h, qn, length, generator=gen), -1).to(dtype)
     types = random_token_type(b, length, gen, p_empty=0.2)
-    mass, score = dyrate_ext.attention_stats_from_probs(probs, types)
-    mass64, score64 = ref.stats_from_probs(probs.double(), types)
-    torch.testing.assert_close(mass.double(), mass64, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(score.double(), score64, atol=1e-6, rtol=1e-5)
+    check_stats_from_probs(backend, probs, types)
+
+
+def test_from_probs_strided(backend, gen):
+    probs = torch.rand(3, 4, 6, 40, generator=gen)
+    types = random_token_type(3, 40, gen, 0.2)
+    strided = backend.to(probs).transpose(1, 2)  # [3, 6, 4, 40], strided on the device
+    out = backend.ops.attention_stats_from_probs(strided, backend.to(types), 4)
+    mass64, score64 = ref.stats_from_probs(probs.transpose(1, 2).double(), types)
+    torch.testing.assert_close(out[0].cpu().double(), mass64, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[1].cpu().double(), score64, atol=1e-6, rtol=1e-5)
 
 
 def test_from_probs_agrees_with_fused(gen):

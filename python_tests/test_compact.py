@@ -1,4 +1,6 @@
-"""compact_ and compact_token_type_: in-place semantics against the reference."""
+"""compact_ and compact_token_type_ on every backend: in-place semantics against the
+reference, every copy width, strided and misaligned views, many tensors per call, and the
+refusal of tensors that overlap in memory."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 
 import dyrate_ext
 from dyrate_ext import reference as ref
-from dyrate_ext.testing import randn, random_token_type
+from dyrate_ext.testing import COMPACT_SHAPES, check_compact, randn, random_token_type
 
 
 def random_plan(types, gen):
@@ -17,70 +19,65 @@ def random_plan(types, gen):
     return dyrate_ext.select_keep(score, types, counts)
 
 
-def compact_like_reference(tensors, idx, n):
-    """compact_ in one call, each tensor equal to the reference's compaction of it."""
-    expected = [ref.compact(t, idx, n) for t in tensors]
-    dyrate_ext.compact_(tensors, idx, n)
-    for t, e in zip(tensors, expected):
-        assert torch.equal(t, e)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(
-    "b,h,length,d", [(1, 1, 1, 1), (2, 3, 37, 7), (3, 4, 129, 128), (1, 2, 650, 80)]
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8]
 )
-def test_matches_reference(b, h, length, d, dtype, gen):
+@pytest.mark.parametrize("b,h,length,d", COMPACT_SHAPES)
+def test_matches_reference(backend, b, h, length, d, dtype, gen):
     types = random_token_type(b, length, gen, p_empty=0.1)
     idx, n = random_plan(types, gen)
-    x = randn((b, h, length, d), gen, dtype)
-    expected = ref.compact(x, idx, n)
-    dyrate_ext.compact_([x], idx, n)
-    assert torch.equal(x, expected)  # includes the untouched tail
+    if dtype == torch.int8:
+        x = torch.randint(-100, 100, (b, h, length, d), generator=gen, dtype=torch.int8)
+    else:
+        x = randn((b, h, length, d), gen, dtype)
+    check_compact(backend, [backend.to(x)], idx, n)
 
 
-def test_many_tensors_of_mixed_shapes_one_call(gen):
-    types = random_token_type(2, 50, gen)
+def test_strided_misaligned_and_many_tensors(backend, gen):
+    """Every copy width (16 down to 1 byte), views of a larger buffer (slot stride != D, head
+    stride != L * D) that leave its other elements alone, and more tensors than one CUDA launch's
+    table holds (64)."""
+    types = random_token_type(2, 70, gen)
     idx, n = random_plan(types, gen)
+    big = backend.to(randn((2, 6, 70, 24), gen))
+    big_before = big.cpu()
     tensors = [
-        randn((2, 4, 50, 16), gen),
-        randn((2, 1, 50, 3), gen, torch.bfloat16),
-        randn((2, 8, 50, 64), gen, torch.float16),
+        big[:, 1:5, :, 4:20],  # 16-byte words, strided
+        backend.to(randn((2, 4, 71, 23), gen))[:, :, 1:, 1:23],  # 4-byte words, misaligned
+        backend.to(randn((2, 3, 70, 9), gen, torch.float16)),  # 2-byte words
+        backend.to(torch.randint(0, 100, (2, 2, 70, 5), generator=gen, dtype=torch.int8)),
+        backend.to(randn((2, 2, 70, 4), gen, torch.float16)),  # 8-byte rows
     ]
-    compact_like_reference(tensors, idx, n)
+    tensors += [backend.to(randn((2, 1 + i % 3, 70, 8), gen, torch.bfloat16)) for i in range(70)]
+    check_compact(backend, tensors, idx, n)
+    after = big.cpu()
+    assert torch.equal(after[:, 0], big_before[:, 0]) and torch.equal(after[:, 5], big_before[:, 5])
+    assert torch.equal(after[..., :4], big_before[..., :4])
 
 
-def test_strided_views(gen):
-    """Slices of larger buffers: slot stride != D and head stride != L * D."""
-    types = random_token_type(2, 40, gen)
-    idx, n = random_plan(types, gen)
-    big = randn((2, 6, 40, 24), gen)
-    view = big[:, 1:5, :, 4:20]
-    other = big.clone()
-    expected = ref.compact(view, idx, n)
-    dyrate_ext.compact_([view], idx, n)
-    assert torch.equal(view, expected)
-    assert torch.equal(big[:, 0], other[:, 0]) and torch.equal(big[:, :, :, :4], other[:, :, :, :4])
-
-
-def test_keep_all_is_a_no_op_and_empty_list(gen):
-    x = randn((2, 3, 20, 8), gen)
-    before = x.clone()
+def test_keep_all_is_a_no_op_and_empty_list(backend, gen):
+    x = backend.to(randn((2, 3, 20, 8), gen))
+    before = x.cpu()
     idx = torch.arange(20).repeat(2, 1)
     n = torch.tensor([20, 20])
-    dyrate_ext.compact_([x], idx, n)
-    assert torch.equal(x, before)
-    dyrate_ext.compact_([], idx, n)
+    backend.ops.compact_([x], backend.to(idx), backend.to(n))
+    assert torch.equal(x.cpu(), before)
+    backend.ops.compact_([], backend.to(idx), backend.to(n))
 
 
-def test_token_type_compaction(gen):
-    types = random_token_type(3, 64, gen, p_empty=0.2)
+@pytest.mark.parametrize("b,length", [(1, 1), (3, 37), (2, 650), (1, 1000)])
+def test_token_type_compaction(backend, b, length, gen):
+    types = random_token_type(b, length, gen, p_empty=0.2)
     idx, n = random_plan(types, gen)
     expected = ref.compact_token_type(types, idx, n)
-    t = types.clone()
-    dyrate_ext.compact_token_type_(t, idx, n)
-    assert torch.equal(t, expected)
-    for b in range(3):
-        assert (t[b, n[b] :] == -1).all()
+    t = backend.to(types)
+    strided = backend.to(torch.zeros(length, b, dtype=torch.int8)).t()  # stride (1, b)
+    strided.copy_(t)
+    backend.ops.compact_token_type_(t, backend.to(idx), backend.to(n))
+    backend.ops.compact_token_type_(strided, backend.to(idx), backend.to(n))
+    assert torch.equal(t.cpu(), expected) and torch.equal(strided.cpu(), expected)
+    for i in range(b):
+        assert (t.cpu()[i, n[i] :] == -1).all()
 
 
 def test_repeated_pruning_matches_composed_reference(gen):
@@ -103,14 +100,17 @@ def test_repeated_pruning_matches_composed_reference(gen):
 # ---------------------------------------------------------------------------------------------
 
 
-def overlap_cases(gen):
-    """(tensors, message) pairs that compact_ must refuse."""
-    big = randn((2, 6, 40, 24), gen)
-    base = randn((2, 1, 40, 8), gen)
-    fused = randn((2, 3, 40, 16), gen)
+def overlap_cases(gen, to=lambda t: t):
+    """(tensors, message) pairs that compact_ must refuse; `to` moves a buffer to a device."""
+    big = to(randn((2, 6, 40, 24), gen))
+    base = to(randn((2, 1, 40, 8), gen))
+    fused = to(randn((2, 3, 40, 16), gen))
     return [
         ([big[:, 1:5, :, 4:20], big[:, :, :, 1:23]], r"tensors\[1\] and tensors\[0\] overlap"),
-        ([randn((2, 2, 40, 8), gen), big[:, 2:4, :, :8], big[:, 3:5, :, :8]], r"tensors\[2\] and"),
+        (
+            [to(randn((2, 2, 40, 8), gen)), big[:, 2:4, :, :8], big[:, 3:5, :, :8]],
+            r"tensors\[2\] and",
+        ),
         ([base.expand(2, 3, 40, 8)], r"tensors\[0\] has internal memory overlap"),
         ([fused[..., :10], fused[..., 6:16]], r"tensors\[1\] and tensors\[0\] overlap"),
         ([big.as_strided((2, 2, 40, 8), (1440, 4, 24, 1))], "internal memory overlap"),
@@ -118,26 +118,25 @@ def overlap_cases(gen):
 
 
 @pytest.mark.parametrize("case", range(5))
-def test_overlapping_tensors_are_refused_and_nothing_written(case, gen):
+def test_overlapping_tensors_are_refused_and_nothing_written(backend, case, gen):
     types = random_token_type(2, 40, gen)
     idx, n = random_plan(types, gen)
-    tensors, match = overlap_cases(gen)[case]
-    before = [t.clone() for t in tensors]
+    tensors, match = overlap_cases(gen, backend.to)[case]
+    before = [t.cpu() for t in tensors]
     with pytest.raises(RuntimeError, match=match):
-        dyrate_ext.compact_(tensors, idx, n)
+        backend.ops.compact_(tensors, backend.to(idx), backend.to(n))
     for t, b in zip(tensors, before):
-        assert torch.equal(t, b)
+        assert torch.equal(t.cpu(), b)
 
 
-def test_disjoint_views_of_one_buffer_are_accepted(gen):
+def test_disjoint_views_of_one_buffer_are_accepted(backend, gen):
     """A fused K/V buffer (K and V interleaved per slot) and head slices of one cache share a
     storage but no element: both are legal and compact exactly."""
     types = random_token_type(2, 40, gen)
     idx, n = random_plan(types, gen)
-    fused = randn((2, 3, 40, 16), gen)
-    heads = randn((2, 6, 40, 8), gen)
-    tensors = [fused[..., :8], fused[..., 8:], heads[:, :3], heads[:, 3:]]
-    compact_like_reference(tensors, idx, n)
+    fused = backend.to(randn((2, 3, 40, 16), gen))
+    heads = backend.to(randn((2, 6, 40, 8), gen))
+    check_compact(backend, [fused[..., :8], fused[..., 8:], heads[:, :3], heads[:, 3:]], idx, n)
 
 
 def test_index_tensors_overlapping_a_cache_are_refused(gen):

@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import kernel_model as km
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LOG = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
 ptxas info    : Function properties for _Z3fooPf
@@ -42,3 +49,43 @@ def test_model_of_this_source(emu_module):
     assert all(r["blocks/SM"] >= 3 and r["in flight/SM KiB"] >= 32 for r in qk)
     text = km.markdown(rows, 3.35e12, 132, 600e-9, 1e-6)
     assert text.count("\n|") == len(rows) + 2  # header, rule, rows
+
+
+def test_compare_reads_bench_results(tmp_path):
+    """--compare matches bench_ops rows (op, shape) to model rows and prints both GB/s."""
+    rows = [
+        {"shape": "B=8 L=650", "kernel": "attention_stats (3 launches)", "est us": 20.0},
+        {"shape": "B=8 L=650", "kernel": "select_keep", "est us": 2.0},
+    ]
+    bench = {
+        "meta": {},
+        "rows": [
+            {"op": "attention_stats", "shape": "B=8 H=32 L=650 D=128", "bytes": 40_000_000,
+             "ours_GBps": 1500.0},
+            {"op": "select_keep", "shape": "B=8 H=32 L=650 D=128", "bytes": 60_000,
+             "ours_GBps": 12.5},
+            {"op": "prune_kv", "shape": "B=8 H=32 L=650 D=128", "bytes": 1, "ours_GBps": 1.0},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "ops.json"
+    path.write_text(json.dumps(bench))
+    lines = km.compare(rows, path).splitlines()
+    assert lines[2] == "| attention_stats | B=8 L=650 | 1500.0 | 2000 |"
+    assert lines[3] == "| select_keep | B=8 L=650 | 12.5 | 30 |"
+    assert len(lines) == 4  # prune_kv has no model row
+
+
+def test_gpu_check_script_parses_and_selects_tests():
+    """bench/gpu_check.sh cannot run here; its syntax and its test selections can be checked."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    for path, expr in [("test_compact.py", "overlap or disjoint"),
+                       ("test_cuda_ops.py", "graph or no_host_sync")]:  # fmt: skip
+        assert expr in script.read_text()
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--co", "-q", "-m", "cuda", "-k", expr,
+             str(ROOT / "python_tests" / path)],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert re.search(r"(\d+) tests? collected", out.stdout), out.stdout[-500:]
+        assert int(re.search(r"(\d+) tests? collected", out.stdout).group(1)) >= 5

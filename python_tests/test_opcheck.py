@@ -1,4 +1,5 @@
-"""torch.library.opcheck on every op, and a torch.compile(fullgraph=True) function using them."""
+"""torch.library.opcheck on every op on CPU and CUDA tensors, and a torch.compile(fullgraph=True)
+function using them."""
 
 from __future__ import annotations
 
@@ -7,18 +8,30 @@ import torch
 
 import dyrate_ext
 from dyrate_ext import _ext
-from dyrate_ext.testing import randn, random_token_type
+from dyrate_ext.testing import cuda_ready, randn, random_token_type
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not cuda_ready(), reason="needs a GPU")],
+    ),
+]
 
 
-def op_samples(gen):
-    q = randn((2, 4, 2, 8), gen)
-    k = randn((2, 2, 16, 8), gen)
+def op_samples(gen, device="cpu"):
+    def to(t):
+        return t.to(device)
+
+    q = to(randn((2, 4, 2, 8), gen))
+    k = to(randn((2, 2, 16, 8), gen))
     types = random_token_type(2, 16, gen)
-    probs = torch.rand(2, 4, 2, 16, generator=gen)
+    probs = to(torch.rand(2, 4, 2, 16, generator=gen))
     score = torch.rand(2, 16, generator=gen)
     counts = torch.tensor([2, 5])
-    idx, n = dyrate_ext.select_keep(score, types, counts)
-    cache = [randn((2, 2, 16, 8), gen), randn((2, 3, 16, 5), gen, torch.bfloat16)]
+    idx, n = (to(x) for x in dyrate_ext.select_keep(score, types, counts))
+    cache = [to(randn((2, 2, 16, 8), gen)), to(randn((2, 3, 16, 5), gen, torch.bfloat16))]
+    types, score, counts = to(types), to(score), to(counts)
     return {
         "attention_stats": (q, k, types, 0.3, 4, True),
         "attention_stats_from_probs": (probs, types, 4),
@@ -28,9 +41,10 @@ def op_samples(gen):
     }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", _ext.OP_NAMES)
-def test_opcheck(name, gen):
-    args = op_samples(gen)[name]
+def test_opcheck(name, device, gen):
+    args = op_samples(gen, device)[name]
     torch.library.opcheck(getattr(torch.ops.dyrate, name), args)
 
 
