@@ -18,6 +18,19 @@
 // logits when Q is small, head_score [B, H_q, L]. Every output element is written by exactly
 // one thread and every sum runs in a fixed order, so results are bitwise reproducible run to
 // run; there are no atomics.
+//
+// Memory side of the q.k passes (the decode case, Q = 1, is a stream over the keys): each thread
+// issues kStatsKeysInFlight independent 16-byte key loads (rounds of key rows) before it uses any
+// of them, and a key load never waits for its slot's type, which only masks the logit. At 80
+// registers and kStatsMinBlocksPerSm = 3 blocks of 256 threads per SM that is 48 KiB of loads in
+// flight per SM, over the ~20 KiB that 3.35 TB/s * ~600 ns needs. The chunk count C is chosen
+// on the host to fill the device in whole waves (plan_attention_stats, from the occupancy API).
+// bench/kernel_model.py states the resulting estimate per shape.
+//
+// Limit, Q > kStatsMaxStoredRows (prefill scoring): pass 2 recomputes q.k on CUDA cores, so a
+// call costs two q.k products (about 6.9 GFLOP at B = 1, H = 32, Q = L = 650, D = 128) instead
+// of one tensor-core matmul; fine once per generation, not a prefill kernel. On the CPU the same
+// call takes 0.2 s on 2 cores (eager PyTorch: 0.33-0.43 s); the decode call (Q = 1) 0.4-0.6 ms.
 #pragma once
 
 #include <climits>
