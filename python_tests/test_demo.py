@@ -152,7 +152,11 @@ def test_caption_demo_on_the_committed_model(tmp_path, capsys):
 
     heads = load_tiny_llava(DEFAULT_CHECKPOINT)[0].config.text_config.num_attention_heads
     path = tmp_path / "predictor.safetensors"
-    RatePredictor(heads, 4).save(path, metadata={"k": "2", "budget": "0.8"})
+    predictor = RatePredictor(heads, 4)
+    with torch.no_grad():  # always class 2: rate 1/2
+        predictor.linear.weight.zero_()
+        predictor.linear.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    predictor.save(path, metadata={"k": "2", "budget": "0.8"})
     argv = ["--images", "2", "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]
     js = tmp_path / "captions.json"
     assert demo.main([*argv, "--predictor", str(path), "--json", str(js)]) == 0
