@@ -26,12 +26,14 @@ BUILDS = {
 }
 
 SCRIPT = r"""
-import importlib.util, sys, torch
+import importlib, os, sys, types, torch
 torch.ops.load_library(sys.argv[1])
-# The reference module alone: importing the dyrate_ext package would load dyrate_ext._C too.
-spec = importlib.util.spec_from_file_location("reference", sys.argv[2])
-ref = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ref)
+# The reference module and its siblings without the package's __init__, which would load
+# dyrate_ext._C too: an empty package object whose path is the source directory.
+pkg = types.ModuleType("dyrate_ext")
+pkg.__path__ = [os.path.dirname(sys.argv[2])]
+sys.modules["dyrate_ext"] = pkg
+ref = importlib.import_module("dyrate_ext.reference")
 g = torch.Generator().manual_seed(0)
 types = torch.randint(-1, 4, (2, 40), generator=g).to(torch.int8)
 q, k = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
