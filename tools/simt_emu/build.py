@@ -65,6 +65,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"rows_per_tile", p.rows_per_tile}, {"vec", p.vec}, {"store_logits", p.store_logits},
         {"waves", p.waves}};
   });
+  // The compact kernel on float32 tensors without the glue's checks (4-byte words), so a test
+  // can show what the emulator's write-set check does with overlapping tensors.
+  m.def("compact_unchecked_", [](std::vector<at::Tensor> tensors, const at::Tensor& keep_index,
+                                 const at::Tensor& new_length) {
+    namespace K = dyrate::kernels;
+    K::CompactTable t{};
+    t.L = static_cast<int32_t>(keep_index.size(1));
+    t.keep_index = keep_index.const_data_ptr<int64_t>();
+    t.ki_stride_b = keep_index.stride(0);
+    t.ki_stride_l = keep_index.stride(1);
+    t.new_length = new_length.const_data_ptr<int64_t>();
+    t.nl_stride = new_length.stride(0);
+    for (const at::Tensor& x : tensors) {
+      TORCH_CHECK(x.scalar_type() == at::kFloat && t.count < K::kCompactMaxTensors);
+      K::CompactTensor& e = t.tensors[t.count];
+      e.data = static_cast<char*>(x.data_ptr());
+      e.stride_b = x.stride(0) * 4;
+      e.stride_h = x.stride(1) * 4;
+      e.stride_l = x.stride(2) * 4;
+      e.heads = static_cast<int32_t>(x.size(1));
+      e.row_words = static_cast<int32_t>(x.size(3));
+      e.word_log2 = 2;
+      t.first_block[t.count + 1] =
+          t.first_block[t.count] + static_cast<int32_t>(x.size(0) * x.size(1));
+      ++t.count;
+    }
+    TORCH_CHECK(K::launch_compact(t, nullptr) == cudaSuccess);
+  });
   m.def("set_checks", [](bool interleave, bool write_set, bool align, int resident) {
     emu::st().interleave = interleave;
     emu::st().max_resident = static_cast<unsigned>(resident < 1 ? 1 : resident);
