@@ -6,11 +6,12 @@ mode. The text weights are re-drawn larger than HF's default init (q/k std 0.1, 
 llava_utils) so attention is peaked and keep decisions do not hinge on rounding.
 
 - `tiny_model(family, attn)`: "llava" (llava_utils' model), "qwen2_vl", "qwen2_5_vl",
-  "onevision".
+  "onevision", "internvl", "smolvlm".
 - `tiny_batch(family, model, batch, seed)`: left-padded prompts "system, image(s),
   instruction" as a dict for `model.generate(**inputs)`. Qwen2-VL/2.5-VL prompts hold two
   images of different sizes; LLaVA-OneVision images have different sizes, so AnyRes gives
-  different numbers of image tokens per sample.
+  different numbers of image tokens per sample; InternVL images have 1-3 tiles of 16 tokens,
+  SmolVLM prompts 1-2 images of 16 tokens.
 - `masked_reference(model, inputs, sequences, removed_step, k)`: HF's own forward of prompt +
   generated tokens, every slot kept, in which a query row of step t cannot see, in layers >= k,
   the image slots removed at steps <= t. Its logits must equal the pruned generate()'s.
@@ -23,10 +24,12 @@ from llava_utils import prompts as llava_prompts
 from llava_utils import tiny_llava
 from torch import Tensor
 
+from dyrate_ext.hf._compat import decoder_layers
+
 VOCAB = 200
 IMAGE, VIDEO, VSTART, VEND = 190, 191, 192, 193
 NUM_LAYERS, NUM_HEADS, KV_HEADS = 4, 4, 2
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "onevision", "internvl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "onevision", "internvl", "smolvlm")
 
 
 def _text_kwargs() -> dict:
@@ -142,6 +145,27 @@ def _internvl(seed: int):
     return InternVLForConditionalGeneration(config).eval()
 
 
+def _smolvlm(seed: int):
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+    )
+    config = SmolVLMConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_text_kwargs()),
+        image_token_id=IMAGE,
+        scale_factor=2,
+    )
+    torch.manual_seed(seed)
+    return SmolVLMForConditionalGeneration(config).eval()
+
+
 def tiny_model(family: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
     """A tiny float32 model of `family` with `attn` attention, deterministic for a seed."""
     if family == "llava":
@@ -152,6 +176,8 @@ def tiny_model(family: str, attn: str = "eager", seed: int = 0) -> torch.nn.Modu
         model = _onevision(seed)
     elif family == "internvl":
         model = _internvl(seed)
+    elif family == "smolvlm":
+        model = _smolvlm(seed)
     else:
         raise ValueError(f"unknown family {family!r}")
     _peaked(model, seed)
@@ -256,6 +282,25 @@ def _internvl_batch(model, batch: int, seed: int) -> dict:
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
+SMOLVLM_IMAGES = [1, 2, 1]  # images per sample, 16 tokens each ((32 / 4)^2 / 2^2)
+
+
+def _smolvlm_batch(model, batch: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    counts = [SMOLVLM_IMAGES[b % len(SMOLVLM_IMAGES)] for b in range(batch)]
+    rows = []
+    for b in range(batch):
+        parts = [_text(gen, 3 + b)]
+        for _ in range(counts[b]):
+            parts += [torch.full((16,), IMAGE), _text(gen, 2)]
+        rows.append(torch.cat([*parts, _text(gen, 3)]))
+    ids, mask, _ = _left_pad(rows)
+    pixels = torch.zeros(batch, max(counts), 3, 32, 32)  # all-zero images are padding
+    for b in range(batch):
+        pixels[b, : counts[b]] = torch.randn(counts[b], 3, 32, 32, generator=gen)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
 def tiny_batch(family: str, model, batch: int, seed: int = 0) -> dict:
     """Left-padded prompts for `model.generate(**inputs)` (see the module docstring)."""
     if family == "llava":
@@ -269,6 +314,8 @@ def tiny_batch(family: str, model, batch: int, seed: int = 0) -> dict:
         return _onevision_batch(model, batch, seed)
     if family == "internvl":
         return _internvl_batch(model, batch, seed)
+    if family == "smolvlm":
+        return _smolvlm_batch(model, batch, seed)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -316,7 +363,7 @@ def masked_reference(
         kwargs["attention_mask"] = late_mask
         return args, kwargs
 
-    layers = model.model.language_model.layers
+    layers = decoder_layers(model)
     hooks = (
         []
         if k is None

@@ -8,7 +8,8 @@
 
 Supported: `LlavaForConditionalGeneration` (Llama text), `LlavaOnevisionForConditionalGeneration`
 (Qwen2 text, AnyRes), `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`
-(M-RoPE), `InternVLForConditionalGeneration` (Qwen2 text), with attn_implementation "eager" or
+(M-RoPE), `InternVLForConditionalGeneration` (Qwen2 text), `SmolVLMForConditionalGeneration`
+(Llama text), with attn_implementation "eager" or
 "sdpa", transformers>=5,<6 (checked at import; tested with 5.24). Anything else is refused
 with a TypeError listing these. Flash-attention is refused (not tested here).
 Any policy of `dyrate_ext.policies` (NoPrune, FastV, VTW, DyRate, AttentionMass).

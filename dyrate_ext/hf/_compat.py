@@ -58,6 +58,7 @@ FAMILIES: dict[str, Family] = {
     "Qwen2VLForConditionalGeneration": Family(("qwen2_vl_text",), mrope=True),
     "Qwen2_5_VLForConditionalGeneration": Family(("qwen2_5_vl_text",), mrope=True),
     "InternVLForConditionalGeneration": Family(("qwen2",)),
+    "SmolVLMForConditionalGeneration": Family(("llama",)),
 }
 """Supported model classes (transformers' own), by class name."""
 
@@ -91,8 +92,11 @@ def text_config(model: nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The text decoder's layers (`model.model.language_model.layers` for every family)."""
-    layers = model.model.language_model.layers
+    """The text decoder's layers (`model.model.language_model.layers`, SmolVLM's
+    `model.model.text_model.layers`)."""
+    inner = model.model
+    text = inner.language_model if hasattr(inner, "language_model") else inner.text_model
+    layers = text.layers
     assert isinstance(layers, nn.ModuleList)
     return layers
 
