@@ -58,7 +58,7 @@ def sweep(full: bool, dyrate: list[Spec]) -> list[Spec]:
     DyRate predictors; `full=False` keeps one or two settings per family."""
     specs = [Spec("NoPrune", "", NoPrune()), Spec("NoPrune, blank image", "", NoPrune(), True)]
     rs, vtw_k, ps = (FASTV_R, VTW_K, MASS_P) if full else ((0.5,), (1, 2), (0.8,))
-    specs += [Spec("FastV", f"k={k} r={r}", FastV(k, r)) for k in (2, 3) for r in rs]
+    specs += [Spec(f"FastV k={k}", f"r={r}", FastV(k, r)) for k in (2, 3) for r in rs]
     specs += [Spec("VTW", f"k={k}", VTW(k)) for k in vtw_k]
     specs += [Spec("AttentionMass", f"p={p} k=2", AttentionMass(p, k=2)) for p in ps]
     return specs + dyrate
@@ -93,7 +93,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--dyrate-k", type=int, default=2, help="k when a file does not say")
     ap.add_argument("--sweep", choices=("full", "small"), default="full")
-    ap.add_argument("--dense-sweep", choices=("full", "small"), default="small")
+    ap.add_argument("--dense-sweep", choices=("full", "small"), default="full")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=72)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +116,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
     tables: dict[str, list[Row]] = {}
     for i, data in enumerate(sets):
         full = (args.sweep if i == 0 else args.dense_sweep) == "full"
-        specs = sweep(full, dyrate)
+        layers = int(model.config.text_config.num_hidden_layers)
+        specs = [s for s in sweep(full, dyrate) if (s.policy.layer or 1) < layers]
         batches = prepare(processor, data, make_prompt(data.question), args.batch_size)
         batches = [
             {k: v.to(args.device) if k != "ids" else v for k, v in b.items()} for b in batches

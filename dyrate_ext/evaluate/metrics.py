@@ -76,9 +76,9 @@ class FactScore:
     true: int
 
     @property
-    def precision(self) -> float:
-        """correct / stated x 100 (100 when nothing is stated): hallucinations lower it."""
-        return 100.0 * self.correct / self.stated if self.stated else 100.0
+    def precision(self) -> float | None:
+        """correct / stated x 100 (None when nothing is stated): hallucinations lower it."""
+        return 100.0 * self.correct / self.stated if self.stated else None
 
     @property
     def recall(self) -> float:

@@ -87,8 +87,12 @@ class Spec:
 
     @property
     def name(self) -> str:
-        """e.g. "FastV(k=2 r=0.5)"."""
-        return f"{self.family}({self.knob})" if self.knob else self.family
+        """The family's name with its settings, e.g. "FastV(k=2 r=0.5)" for family "FastV k=2"
+        and knob "r=0.5"."""
+        if not self.knob:
+            return self.family
+        base, *fixed = self.family.split(" ")
+        return f"{base}({' '.join([*fixed, self.knob])})"
 
 
 @dataclass
