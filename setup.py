@@ -48,7 +48,9 @@ def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     cxx = [*opt, "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if not with_cuda:
-        return CppExtension("dyrate_ext._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension(
+            "dyrate_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
+        )
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = [*opt, "--expt-relaxed-constexpr", "-Xcompiler=-Wall", "--threads=2"]
     nvcc += arch_flags(os.environ.get("DYRATE_CUDA_ARCHS", "8.0;8.6;8.9;9.0"))
@@ -60,6 +62,7 @@ def extension():
         sources,
         define_macros=[("DYRATE_WITH_CUDA", None)],
         extra_compile_args={"cxx": [*cxx, "-DDYRATE_WITH_CUDA"], "nvcc": nvcc},
+        py_limited_api=True,
     )
 
 
@@ -67,8 +70,12 @@ if shutil.which("ninja") is None:
     print("dyrate_ext: ninja not found; the build will be slow (pip install ninja)")
 
 # Metadata, dependencies and extras live in pyproject.toml; this file only adds the extension.
+# The extension uses the stable ABI (Py_LIMITED_API, set by torch for py_limited_api
+# extensions): it registers its ops through the dispatcher and needs nothing from
+# libtorch_python, so one wheel serves every CPython >= 3.10 of a given torch.
 setup(
     ext_modules=[extension()],
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     cmdclass={
         "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     },

@@ -9,7 +9,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dyrate_ext
 
-
 B, H, L, D = 2, 4, 9, 8
 
 

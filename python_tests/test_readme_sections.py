@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from readme_sections import markers, replace_section
 
 
