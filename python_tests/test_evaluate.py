@@ -11,19 +11,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("pycocoevalcap")
 
-from dyrate_ext.data import load_split
+from dyrate_ext.data import export_coco, load_split
 from dyrate_ext.data.scenes import Scene, SceneObject
 from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
 from dyrate_ext.evaluate.__main__ import find_predictors, predictor_specs
 from dyrate_ext.evaluate.__main__ import main as evaluate_main
 from dyrate_ext.predictor import RatePredictor
-from dyrate_ext.train.model import (
-    MICRO,
-    build_tiny_processor,
-    build_tiny_tokenizer,
-    save_tiny_llava,
-    tiny_llava,
-)
+from dyrate_ext.train.model import MICRO
+from dyrate_ext.train.vlm import TrainConfig, train_vlm
 
 TINY = MICRO
 
@@ -71,10 +66,11 @@ def test_fact_precision_recall_on_hand_made_captions():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
+    """A micro LLaVA trained for 3 steps by the trainer (train + evaluate end to end) and a
+    constant-rate predictor file."""
     root = tmp_path_factory.mktemp("eval")
-    tok = build_tiny_tokenizer()
-    model = tiny_llava(TINY, tok)
-    save_tiny_llava(model, build_tiny_processor(tok, TINY), root / "model", half=False)
+    cfg = TrainConfig(steps=3, batch_size=2, warmup=1, val_samples=2, val_every=0, model=TINY)
+    train_vlm(cfg, out=root / "model", progress=False)
     predictor = RatePredictor(num_heads=TINY.num_heads, num_rates=4)
     with torch.no_grad():
         predictor.linear.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # always rate 2/4
@@ -118,3 +114,16 @@ def test_predictors_beside_the_model_are_found(tiny_checkpoint, tmp_path):
     assert find_predictors(folder) == [str(folder / "dyrate_b80.safetensors")]
     (spec,) = predictor_specs(find_predictors(folder), default_k=3)
     assert spec.name == "DyRate(k=2 budget=0.80)" and spec.policy.layer == 2
+
+
+def test_cli_on_a_coco_caption_set(tiny_checkpoint, tmp_path):
+    export_coco(load_split("test", n=3, style="dense"), tmp_path / "coco")
+    out = tmp_path / "coco_eval"
+    args = ["--model", str(tiny_checkpoint / "model"), "--data", str(tmp_path / "coco")]
+    args += ["--max-new-tokens", "3", "--sweep", "small", "--no-folder-predictors", "--quiet"]
+    assert evaluate_main([*args, "--out", str(out)]) == 0
+    ((name, rows),) = json.loads(out.with_suffix(".json").read_text())["tables"].items()
+    assert name.startswith(str(tmp_path / "coco")) and name.endswith("dense")
+    assert {r["name"] for r in rows} >= {"NoPrune", "VTW(k=1)", "FastV(k=2 r=0.5)"}
+    assert not any(r["family"] == "DyRate" for r in rows)
+    assert all(len(r["examples"]) == 3 for r in rows)

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append("DyRate: no predictor file given or found beside the model: no DyRate row.\n")
     for name, rows in tables.items():
         md.append(markdown_table(rows, name))
-        style = name.split()[-1]
+        style = name.rsplit(" ", 1)[-1]
         plot_pareto(f"{out}_{style}.png", rows, f"CIDEr vs decoder FLOPs: {name}")
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))

@@ -66,7 +66,7 @@ def coco_set(path: str, n: int | None = None) -> EvalSet:
     data: CocoCaptions = load_coco(path)
     ids = data.image_ids[:n] if n else data.image_ids
     return EvalSet(
-        f"{path}[:{len(ids)}]",
+        f"{path}[:{len(ids)}] {data.style}",
         data.style,
         data.prompt,
         ids,
