@@ -162,3 +162,11 @@ def test_every_caption_of_sampled_train_scenes_fits():
         for style in STYLES:
             for c in captions(scene, style):
                 assert MIN_WORDS <= len(caption_words(c)) <= MAX_WORDS, c
+
+
+def test_export_cli(tmp_path):
+    from dyrate_ext.data.__main__ import main
+
+    assert main(["--split", "val", "--style", "dense", "--n", "2", "--out", str(tmp_path)]) == 0
+    data = load_coco(tmp_path)
+    assert data.image_ids == [scene_id("val", 0), scene_id("val", 1)] and data.style == "dense"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .captions import PROMPTS, STYLES, captions
 from .scenes import Scene, make_scene, render
@@ -123,7 +124,9 @@ class CocoCaptions:
             return im.convert("RGB")
 
 
-def export_coco(samples: list[CaptionSample], out_dir: str | os.PathLike[str]) -> Path:
+def export_coco(
+    samples: list[CaptionSample], out_dir: str | os.PathLike[str], progress: bool = False
+) -> Path:
     """Write `out_dir/images/<id>.png` and `out_dir/annotations.json`; returns the JSON path.
 
     The JSON is written to a temporary name and renamed, so a failed export leaves no
@@ -137,7 +140,7 @@ def export_coco(samples: list[CaptionSample], out_dir: str | os.PathLike[str]) -
     (out / "images").mkdir(parents=True, exist_ok=True)
     images: list[dict] = []
     annotations: list[dict] = []
-    for s in samples:
+    for s in tqdm(samples, desc="export", disable=not progress):
         name = f"images/{s.image_id}.png"
         s.load_image().save(out / name)
         images.append(
