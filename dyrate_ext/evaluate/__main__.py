@@ -64,14 +64,14 @@ def sweep(full: bool, dyrate: list[Spec]) -> list[Spec]:
     return specs + dyrate
 
 
-def load_model(path: str | None, device: str):
+def load_model(path: str | None, device: str, dtype: str = "float32"):
     """(model, processor, tokenizer, prompt builder, folder) of a llava-hf folder, or the
     committed tiny LLaVA when `path` is None."""
     from ..llava.embedded import llava_prompt
     from ..train.model import DEFAULT_CHECKPOINT, load_tiny_llava, tiny_prompt
 
     folder = Path(path) if path else DEFAULT_CHECKPOINT
-    model, processor, tokenizer = load_tiny_llava(folder, device=device)
+    model, processor, tokenizer = load_tiny_llava(folder, device, dtype=getattr(torch, dtype))
     tiny = (folder / "train_log.json").is_file()
     return model, processor, tokenizer, (tiny_prompt if tiny else llava_prompt), folder
 
@@ -97,6 +97,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=72)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--out", default="bench/results/eval", help="output path prefix")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,7 +106,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
     """Run every table; returns (meta, {table name: rows})."""
-    model, processor, tokenizer, make_prompt, folder = load_model(args.model, args.device)
+    model, processor, tokenizer, make_prompt, folder = load_model(
+        args.model, args.device, args.dtype
+    )
     if not args.predictor and not args.no_folder_predictors:
         args.predictor = find_predictors(folder)
     dyrate = predictor_specs(args.predictor, args.dyrate_k)
@@ -119,9 +122,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
         layers = int(model.config.text_config.num_hidden_layers)
         specs = [s for s in sweep(full, dyrate) if (s.policy.layer or 1) < layers]
         batches = prepare(processor, data, make_prompt(data.question), args.batch_size)
-        batches = [
-            {k: v.to(args.device) if k != "ids" else v for k, v in b.items()} for b in batches
-        ]
+        batches = [{k: _to(k, v, model) for k, v in b.items()} for b in batches]
         rows = []
         for spec in _progress(specs, data.name, args.quiet):
             rows.append(
@@ -131,6 +132,15 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
             )
         tables[data.name] = rows
     return {"n_images": args.n}, tables
+
+
+def _to(key: str, value: torch.Tensor, model) -> torch.Tensor:
+    """A batch entry on the model's device; pixel values also in its dtype."""
+    if key == "ids":
+        return value
+    if "pixel_values" in key:
+        return value.to(model.device, model.dtype)
+    return value.to(model.device)
 
 
 def _progress(specs: list[Spec], name: str, quiet: bool):
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         predictors=args.predictor,
         max_new_tokens=args.max_new_tokens,
         decoding="greedy",
+        dtype=args.dtype,
+        device=args.device,
         seconds=round(time.perf_counter() - start, 1),
     )
     out = Path(args.out)

@@ -194,9 +194,10 @@ def load_tiny_llava(
     path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, Any]:
-    """(model in eval mode, float32; processor; tokenizer) from a saved folder, by default
-    the committed checkpoint `DEFAULT_CHECKPOINT`."""
+    """(model in eval mode, in `dtype`; processor; tokenizer) from a saved folder (the tiny
+    LLaVA's or any llava-hf checkpoint's), by default the committed `DEFAULT_CHECKPOINT`."""
     folder = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -204,7 +205,7 @@ def load_tiny_llava(
             "`python -m dyrate_ext.train vlm`"
         )
     model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation=attn_implementation
+        folder, dtype=dtype, attn_implementation=attn_implementation
     )
     processor = LlavaProcessor.from_pretrained(folder)
     return model.to(device).eval(), processor, processor.tokenizer
