@@ -64,6 +64,7 @@ __all__ = [
     "embedded_llava",
     "hand_set_predictor",
     "image_mass",
+    "llava_config",
     "llava_prompt",
 ]
 
@@ -222,6 +223,68 @@ class EmbeddedConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+def llava_config(
+    sizes: Any,
+    vocab_size: int,
+    image_token_id: int = 4,
+    *,
+    vision_heads: int = 4,
+    vision_mlp_ratio: int = 2,
+    max_position_embeddings: int = 4096,
+    special_ids: tuple[int, int, int, int] = (0, 1, 2, 3),
+) -> LlavaConfig:
+    """A LLaVA-1.5-layout LlavaConfig (CLIP vision tower, feature layer -2, class token dropped,
+    Llama decoder) from an object with the attributes of `EmbeddedConfig`'s sizes
+    (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, image_size,
+    patch_size, vision_hidden_size, vision_layers, image_tokens).
+
+    Args:
+        special_ids: the tokenizer's (unk, bos, eos, pad) ids.
+
+    Raises:
+        ValueError: heads that do not divide the width, an image not a whole number of patches.
+    """
+    c = sizes
+    if c.hidden_size % c.num_heads or c.num_heads % c.num_kv_heads:
+        raise ValueError(
+            f"hidden_size ({c.hidden_size}) must be a multiple of num_heads ({c.num_heads}) and "
+            f"num_heads of num_kv_heads ({c.num_kv_heads})"
+        )
+    if c.image_size % c.patch_size:
+        raise ValueError(f"image_size {c.image_size} is not a multiple of patch {c.patch_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=c.vision_hidden_size,
+        intermediate_size=vision_mlp_ratio * c.vision_hidden_size,
+        num_hidden_layers=c.vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        projection_dim=c.vision_hidden_size,
+    )
+    unk, bos, eos, pad = special_ids
+    text = LlamaConfig(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        unk_token_id=unk,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=c.image_tokens,
+    )
+
+
 def embedded_llava(
     config: EmbeddedConfig, vocab_size: int, image_token_id: int = 4
 ) -> LlavaForConditionalGeneration:
@@ -234,44 +297,8 @@ def embedded_llava(
         image_token_id: the tokenizer's id of <image>.
     """
     c = config
-    if c.hidden_size % c.num_heads or c.num_heads % c.num_kv_heads:
-        raise ValueError(
-            f"hidden_size ({c.hidden_size}) must be a multiple of num_heads ({c.num_heads}) and "
-            f"num_heads of num_kv_heads ({c.num_kv_heads})"
-        )
-    if c.image_size % c.patch_size:
-        raise ValueError(f"image_size {c.image_size} is not a multiple of patch {c.patch_size}")
+    llava = llava_config(c, vocab_size, image_token_id)
     torch.manual_seed(c.seed)
-    vision = CLIPVisionConfig(
-        hidden_size=c.vision_hidden_size,
-        intermediate_size=2 * c.vision_hidden_size,
-        num_hidden_layers=c.vision_layers,
-        num_attention_heads=4,
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-        projection_dim=c.vision_hidden_size,
-    )
-    text = LlamaConfig(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        vocab_size=vocab_size,
-        max_position_embeddings=4096,
-        unk_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=c.image_tokens,
-    )
     model = LlavaForConditionalGeneration(llava).eval()
     gen = torch.Generator().manual_seed(c.seed + 1)
     with torch.no_grad():

@@ -26,16 +26,19 @@ from typing import Any
 
 import torch
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
 from ..data import grammar_words
-from ..llava.embedded import IMAGE_TOKEN, build_processor, build_tokenizer, llava_prompt
+from ..llava.embedded import (
+    IMAGE_TOKEN,
+    build_processor,
+    build_tokenizer,
+    llava_config,
+    llava_prompt,
+)
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -122,45 +125,17 @@ def tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised float32 tiny LLaVA (HF's init, seeded by `config.seed`)."""
     c = config
-    if c.hidden_size % c.num_heads or c.num_heads % c.num_kv_heads:
-        raise ValueError(
-            f"hidden_size ({c.hidden_size}) must be a multiple of num_heads ({c.num_heads}) and "
-            f"num_heads of num_kv_heads ({c.num_kv_heads})"
-        )
-    if c.image_size % c.patch_size:
-        raise ValueError(f"image_size {c.image_size} is not a multiple of patch {c.patch_size}")
-    torch.manual_seed(c.seed)
-    vision = CLIPVisionConfig(
-        hidden_size=c.vision_hidden_size,
-        intermediate_size=4 * c.vision_hidden_size,
-        num_hidden_layers=c.vision_layers,
-        num_attention_heads=c.vision_heads,
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-        projection_dim=c.vision_hidden_size,
-    )
-    text = LlamaConfig(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        vocab_size=len(tokenizer),
+    ids = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    llava = llava_config(
+        c,
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_heads=c.vision_heads,
+        vision_mlp_ratio=4,
         max_position_embeddings=512,
-        unk_token_id=tokenizer.unk_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        special_ids=(*ids, tokenizer.pad_token_id),
     )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=c.image_tokens,
-    )
+    torch.manual_seed(c.seed)
     model = LlavaForConditionalGeneration(llava)
     model.set_attn_implementation("sdpa")
     g = model.generation_config
