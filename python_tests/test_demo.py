@@ -165,7 +165,7 @@ def test_caption_demo_on_the_committed_model(tmp_path, capsys):
     assert rows[0]["name"] == "NoPrune" and rows[0]["flops_percent"] == pytest.approx(100.0)
     assert all(r["flops_percent"] < 100.0 for r in rows[1:]) and len(rows[0]["captions"]) == 2
     assert "reference:" in out and "CIDEr" in out and "FLOPs %" in out
-    for name in ("NoPrune", "FastV(k=2 r=0.5)", "DyRate(k=2 budget=0.80)", "DyRate hand-set(k=2)"):
+    for name in ("NoPrune", "FastV(k=2 r=0.5)", "DyRate(k=2 budget=0.80)", "DyRate(hand-set k=2)"):
         assert f"\n{name} " in out, name
     with pytest.raises(SystemExit):
         demo.parse_args(["--engine", "hf"])  # the caption demo runs the reference loop

@@ -4,7 +4,7 @@ policy, so the quality a policy keeps is visible next to the FLOPs it saves.
 The model is the committed checkpoint of `python -m dyrate_ext.train vlm`
 (`dyrate_ext/assets/tiny_llava`); DyRate uses the committed predictors trained beside it
 (`python -m dyrate_ext.train predictor`), and the hand-set predictor of the random-model demo
-stays available as a named baseline ("DyRate hand-set"). For each policy the demo prints the
+stays available as a named baseline ("DyRate(hand-set k=2)"). For each policy the demo prints the
 first picture's generated caption next to its reference caption, then CIDEr, BLEU-4, decoder
 FLOPs % of NoPrune and mean kept image tokens over `--images` test pictures.
 """
