@@ -1,6 +1,8 @@
 # make test  - install what is missing into .venv, build every flavour, run the tests
 # make demo  - install, build, run every pruning policy on an embedded LLaVA-1.5-shaped model
 #              (python -m dyrate_ext.demo: tokens, kept image tokens, FLOPs, times, a plot)
+# make train-vlm, train-predictor, eval - train the tiny LLaVA and its DyRate predictors, then
+#              score every policy's captions against FLOPs (bench/results/eval.*)
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
 # make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench_ops.py --quick)
 # make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16;
@@ -11,7 +13,8 @@ VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean
+.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
+	train-vlm train-predictor eval
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -61,6 +64,20 @@ demo-readme: build
 	$(VPY) -m dyrate_ext.demo --random-model --repeats 3 --plot docs/demo_kept_image_tokens.png \
 		--json docs/demo.json --markdown build/demo/section.md
 	$(VPY) tools/readme_sections.py README.md demo build/demo/section.md
+
+# DyRate learned: the tiny LLaVA (about 26 min on 2 cores), its predictors, the evaluation.
+ASSETS := dyrate_ext/assets/tiny_llava
+train-vlm: build
+	$(VPY) -m dyrate_ext.train vlm --out $(ASSETS) --plot docs/tiny_llava_loss.png
+
+train-predictor: build
+	for b in 75 80 90; do \
+		$(VPY) -m dyrate_ext.train predictor --budget 0.$$b --out $(ASSETS)/predictor_b$$b.safetensors \
+			|| exit 1; \
+	done
+
+eval: build
+	$(VPY) -m dyrate_ext.evaluate
 
 bench-quick: build
 	$(VPY) bench/bench_ops.py --quick --out build/bench-quick.json
