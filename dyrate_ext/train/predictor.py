@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--k", type=int, default=2, help="first pruned layer (k - 1 scores)")
     ap.add_argument("--num-rates", type=int, default=8, help="K discrete rates j / K")
-    ap.add_argument("--lam", type=float, default=100.0, help="weight of the budget term")
+    ap.add_argument("--lam", type=float, default=1000.0, help="weight of the budget term")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=8)

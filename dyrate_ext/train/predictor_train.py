@@ -103,7 +103,7 @@ def train_predictor(
     k: int,
     budget: float,
     num_rates: int = 8,
-    lam: float = 100.0,
+    lam: float = 1000.0,
     epochs: int = 4,
     lr: float = 0.05,
     tau_start: float = 1.0,
