@@ -13,7 +13,7 @@ VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
+.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e bench-e2e-hf build other-builds lint format clean \
 	train-vlm train-predictor eval
 
 $(VENV)/.deps: requirements-dev.txt
@@ -54,8 +54,9 @@ test: build other-builds
 test-full: build other-builds
 	$(VPY) -m pytest python_tests -m "slow or not slow"
 
+# Options go through DEMO_ARGS, e.g. make demo DEMO_ARGS="--random-model --engine hf".
 demo: build
-	$(VPY) -m dyrate_ext.demo
+	$(VPY) -m dyrate_ext.demo $(DEMO_ARGS)
 
 # The README's demo section: the one-prompt demo on the random LLaVA-1.5-shaped model, 3
 # repeats, table and plot.
@@ -87,6 +88,13 @@ bench-e2e: build
 	$(VPY) bench/e2e.py --out bench/results/e2e.json
 	$(VPY) bench/e2e_report.py bench/results/e2e.json
 	$(VPY) tools/readme_sections.py README.md bench:e2e bench/results/e2e.md
+
+# The same policies through Hugging Face's model.generate() (dyrate_ext.hf) and vanilla generate().
+bench-e2e-hf: build
+	mkdir -p bench/results
+	$(VPY) bench/e2e.py --engine hf --out bench/results/e2e_hf.json
+	$(VPY) bench/e2e_report.py bench/results/e2e_hf.json
+	$(VPY) tools/readme_sections.py README.md bench:e2e-hf bench/results/e2e_hf.md
 
 bench: build
 	$(VPY) bench/bench_ops.py --device cpu --out bench/results/ops-cpu.json

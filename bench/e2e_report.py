@@ -29,6 +29,31 @@ def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) ->
     return [format_table([header, *(f"B={b}" for b in batches)], body)]
 
 
+ENGINES = {
+    "loop": "the reference loop dyrate_ext.llava.generate",
+    "hf": "Hugging Face model.generate() inside dyrate_ext.hf.pruning; the generate() row is "
+    "vanilla model.generate() with its own DynamicCache",
+}
+
+
+def _memory_note(engine: str, alloc: dict[int, float], batches: list[int]) -> str:
+    """What the peak-memory table measures, per engine."""
+    head = (
+        "Peak live KV cache, MiB (ratio to NoPrune): slots held x bytes per slot, the memory "
+        "of a cache sized to its contents. "
+    )
+    if engine == "hf":
+        return head + (
+            "The PruningCache's buffers follow the live slots (allocated_kv_mib in the JSON is "
+            "the bytes it really held; held_vs_live_kv its largest ratio to the live slots)."
+        )
+    return head + (
+        "The reference loop itself allocates "
+        + ", ".join(f"{alloc[b]:.0f} MiB at B={b}" for b in batches if b in alloc)
+        + " for every policy (it compacts in place and keeps its buffers)."
+    )
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The results as markdown: a header line and three tables."""
     meta, rows = data["meta"], data["rows"]
@@ -45,7 +70,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"Model: {meta['model']}. Prompts (padded length {lengths}): LLaVA-1.5 template, one "
         f"picture and question per sample; {cfg['max_new_tokens']} new tokens each, no stop "
         f"token; times are the median of {cfg['repeats']} run(s), policies interleaved. DyRate "
-        "uses the hand-set predictor (no trained weights).",
+        "uses the hand-set predictor (no trained weights). "
+        f"Engine: {ENGINES[cfg.get('engine', 'loop')]}.",
         "",
         "Decode throughput, tokens/s (ratio to NoPrune at the same batch size):",
         "",
@@ -56,10 +82,7 @@ def markdown(data: dict[str, Any]) -> str:
             "policy",
         ),
         "",
-        "Peak live KV cache, MiB (ratio to NoPrune): slots held x bytes per slot, the memory "
-        "of a cache sized to its contents. The reference loop itself allocates "
-        + ", ".join(f"{alloc[b]:.0f} MiB at B={b}" for b in batches if b in alloc)
-        + " for every policy (it compacts in place and keeps its buffers).",
+        _memory_note(cfg.get("engine", "loop"), alloc, batches),
         "",
         *_table(
             rows,
