@@ -11,32 +11,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-try:
-    import transformers
-    from packaging.version import Version
-except ImportError as exc:  # pragma: no cover - exercised only without transformers
-    raise ImportError(
-        "dyrate_ext.hf needs transformers>=5,<6: pip install 'dyrate_ext[llava]' "
-        "(or: pip install 'transformers>=5,<6' safetensors)"
-    ) from exc
-
-TRANSFORMERS_REQUIREMENT = "transformers>=5,<6"
-"""The transformers versions `dyrate_ext.hf` is written for (tested with 5.24)."""
-
-TESTED_TRANSFORMERS = "5.24.0"
-"""The transformers release the tests ran on."""
-
-
-def check_transformers_version(version: str) -> None:
-    """Raise ImportError naming the requirement unless `version` is a transformers 5.x."""
-    if Version(version).major != 5:
-        raise ImportError(
-            f"dyrate_ext.hf needs {TRANSFORMERS_REQUIREMENT} (tested with {TESTED_TRANSFORMERS}), "
-            f"found transformers {version}"
-        )
-
-
-check_transformers_version(transformers.__version__)
+from ..llava.compat import (  # noqa: F401  (the one version check, run at import)
+    TESTED_TRANSFORMERS,
+    TRANSFORMERS_REQUIREMENT,
+    check_transformers_version,
+)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The transformers versions the LLaVA tier is written for, checked once at import.
+"""The transformers versions the transformers tiers (`dyrate_ext.llava`, `dyrate_ext.hf`) are
+written for, checked once at import.
 
-Every module of `dyrate_ext.llava` imports transformers through here, so a missing or
-unsupported transformers fails with one clear message instead of an AttributeError later.
+Every module of those tiers imports transformers after this check, so a missing or unsupported
+transformers fails with one clear message instead of an AttributeError later.
 """
 
 from __future__ import annotations
@@ -11,17 +12,27 @@ try:
     from packaging.version import Version
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "dyrate_ext.llava needs transformers>=5,<6: pip install 'dyrate_ext[llava]' "
-        "(or: pip install 'transformers>=5,<6' safetensors)"
+        "dyrate_ext's transformers tiers need transformers>=5,<6: pip install "
+        "'dyrate_ext[llava]' (or: pip install 'transformers>=5,<6' safetensors)"
     ) from exc
 
 TRANSFORMERS_REQUIREMENT = "transformers>=5,<6"
-"""The transformers versions this tier is written for (tested with 5.23)."""
+"""The transformers versions these tiers are written for."""
 
-if Version(transformers.__version__).major != 5:  # pragma: no cover
-    raise ImportError(
-        f"dyrate_ext.llava needs {TRANSFORMERS_REQUIREMENT}, found {transformers.__version__}"
-    )
+TESTED_TRANSFORMERS = "5.24.0"
+"""The transformers release the tests ran on."""
 
 SUPPORTED_TEXT_MODELS = ("llama",)
-"""`text_config.model_type` values the decoder reimplementation is exact for."""
+"""`text_config.model_type` values the reference loop's decoder reimplementation is exact for."""
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise ImportError naming the requirement unless `version` is a transformers 5.x."""
+    if Version(version).major != 5:
+        raise ImportError(
+            f"dyrate_ext needs {TRANSFORMERS_REQUIREMENT} (tested with {TESTED_TRANSFORMERS}), "
+            f"found transformers {version}"
+        )
+
+
+check_transformers_version(transformers.__version__)
