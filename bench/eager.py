@@ -93,7 +93,7 @@ def prune_kv(layers, types, q, key, keep_count: Tensor, scale: float, length: in
 def keep_count_from_rate(types: Tensor, rate: float, target: int = 1) -> Tensor:
     """int64 [B]: keep n_b - floor(rate * n_b) of the n_b target slots."""
     n = (types == target).sum(1)
-    return n - torch.floor(rate * n.double()).long()
+    return n - torch.floor(rate * n.double() + 1e-9).long()
 
 
 def prune_kv_at_rate(layers, types, q, key, rate: float, scale: float):

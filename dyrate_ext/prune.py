@@ -20,6 +20,9 @@ from .token_types import NUM_TYPES, TokenType
 
 LayerSpec = Tensor | Sequence[Tensor]
 
+RATE_EPS = 1e-9
+"""Margin added to rate * n before flooring (see keep_count_from_rate)."""
+
 
 @dataclass
 class PruneResult:
@@ -71,6 +74,10 @@ def keep_count_from_rate(
 ) -> Tensor:
     """int64 [B]: keep n_b - floor(rate_b * n_b) of the n_b target-type slots of each sample.
 
+    The product is floored with a margin of RATE_EPS, so a rate written as a decimal or a
+    fraction j / K removes what the exact fraction does (0.7 * 90 is 62.99999999999999 in
+    float64; 63 slots go): this is DyRate's integer rule n - floor(j * n / K) for K <= 1000.
+
     A float or sequence rate must lie in [0, 1]; a tensor rate ([B] or scalar) is clamped to
     [0, 1] on its device, so no host synchronisation happens.
     """
@@ -90,7 +97,7 @@ def keep_count_from_rate(
             r = torch.full((), values[0], dtype=torch.float64, device=token_type.device)
         else:
             r = _small_tensor(values, torch.float64, token_type.device)
-    return n - torch.floor(r * n.to(torch.float64)).to(torch.int64)
+    return n - torch.floor(r * n.to(torch.float64) + RATE_EPS).to(torch.int64)
 
 
 def _flatten(layers: Sequence[LayerSpec]) -> list[Tensor]:

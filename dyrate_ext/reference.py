@@ -117,7 +117,8 @@ def compact_token_type(token_type: Tensor, keep_index: Tensor, new_length: Tenso
 def keep_count_from_rate(
     token_type: Tensor, rate: float | Tensor, target_type: int = TokenType.IMAGE
 ) -> Tensor:
-    """int64 [B]: n_b - floor(rate * n_b), n_b the number of target-type slots of sample b."""
+    """int64 [B]: n_b - floor(rate * n_b + 1e-9), n_b the number of target-type slots of
+    sample b (the margin makes a rate j / K remove exactly floor(j * n_b / K))."""
     n = (token_type == target_type).sum(dim=1)
     rate_t = torch.as_tensor(rate, dtype=torch.float64, device=token_type.device)
-    return n - torch.floor(rate_t * n.double()).to(torch.int64)
+    return n - torch.floor(rate_t * n.double() + 1e-9).to(torch.int64)

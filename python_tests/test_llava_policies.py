@@ -118,6 +118,16 @@ def test_keep_count_from_rate_matches_design():
             keep_count_from_rate(types, bad)
 
 
+def test_rate_rule_equals_dyrate_integer_rule():
+    """keep_count_from_rate(j / K) == n - floor(j * n / K), DyRate's rule, for every K <= 32."""
+    n = torch.arange(0, 601)
+    types = (torch.arange(600)[None, :] < n[:, None]).to(torch.int8)  # sample b: n[b] images
+    for k in range(1, 33):
+        for j in range(k + 1):
+            got = keep_count_from_rate(types, j / k)
+            assert torch.equal(got, n - (j * n) // k), (j, k)
+
+
 @pytest.mark.parametrize(
     ("keep", "rate", "match"),
     [
