@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .. import ops
 from .cache import LayerGroup
 
-__all__ = ["Decoder", "allowed_slots"]
+__all__ = ["Decoder", "allowed_slots", "rotated_qkv"]
+
+
+def rotated_qkv(
+    layer: nn.Module, h: Tensor, head_dim: int, cos_sin: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Llama decoder layer's queries [B, H, Q, D] and keys and values [B, H_kv, Q, D] for
+    hidden states h [B, Q, hidden]: input norm, q/k/v projections, rotary on q and k."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    shape = (h.shape[0], h.shape[1], -1, head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    return q, k, v
 
 
 def allowed_slots(token_type: Tensor, q_len: int) -> Tensor:
@@ -104,14 +119,8 @@ class Decoder:
         [B, H_kv, length + Q, D] the layer attended to.
         """
         layer = self.layers[index]
-        attn = layer.self_attn
         b, q_len, _ = h.shape
-        x = layer.input_layernorm(h)
-        shape = (b, q_len, -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        q, k, v = rotated_qkv(layer, h, self.head_dim, cos_sin)
         i = index - group.layers.start
         end = group.length + q_len
         group.keys[i][:, :, group.length : end] = k
@@ -119,7 +128,7 @@ class Decoder:
         keys = group.keys[i][:, :, :end]
         out = self._attend(q, keys, group.values[i][:, :, :end], mask)
         out = out.transpose(1, 2).reshape(b, q_len, -1)
-        h = h + attn.o_proj(out)
+        h = h + layer.self_attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, q, keys
 

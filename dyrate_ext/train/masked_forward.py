@@ -45,9 +45,9 @@ from ..token_types import NUM_TYPES, TokenType
 
 try:
     from transformers import LlavaForConditionalGeneration
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from ..llava import prompt_token_type
+    from ..llava.decoder import rotated_qkv
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "dyrate_ext.train needs transformers>=5,<6: pip install 'transformers>=5,<6'"
@@ -221,14 +221,8 @@ class MaskedLlava:
         [B, 1, N, N] and, optionally, eq. 6's multiplicative mask `keep` [B, 1, N, N].
         Returns the new hidden states and the float32 attention probabilities [B, H, N, N]."""
         layer = self.layers[index]
-        attn = layer.self_attn
         b, n, _ = h.shape
-        x = layer.input_layernorm(h)
-        shape = (b, n, -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        q, k, v = rotated_qkv(layer, h, self.head_dim, cos_sin)
         if self.groups > 1:
             k = k.repeat_interleave(self.groups, dim=1)
             v = v.repeat_interleave(self.groups, dim=1)
@@ -238,7 +232,7 @@ class MaskedLlava:
             p = p * keep
             p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
         out = torch.matmul(p.to(v.dtype), v).transpose(1, 2).reshape(b, n, -1)
-        h = h + attn.o_proj(out)
+        h = h + layer.self_attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, p
 
