@@ -264,7 +264,7 @@ def check_attention_stats(
     assert mass.dtype == torch.float32 and score.dtype == torch.float32
     assert mass.shape == (b, hq, num_types) and score.shape == (b, length)
     mass64, score64 = ref.attention_stats(q.double(), k.double(), types, scale, num_types, causal)
-    eager = (None, None)
+    eager: tuple[Tensor | None, Tensor | None] = (None, None)
     if q.dtype != torch.float32:
         eager = ref.attention_stats(q, k, types, scale, num_types, causal)
     assert_close_to_reference(mass, mass64, eager[0], q.dtype, "type_mass")
