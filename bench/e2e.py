@@ -194,6 +194,64 @@ def _vanilla_row(base: dict[str, Any], runs: list[tuple[int, StepClock]], batch:
     return row
 
 
+def _policy_row(
+    name: str, runs: list[tuple[Any, ...]], batch: int, model: Any, shape: Any, engine: str
+) -> dict[str, Any]:
+    """One policy's row at one batch size from its (output, clock, cuda peak) runs."""
+    out = runs[0][0]
+    decode_s = statistics.median(r[1].decode_seconds for r in runs)
+    decode_steps = runs[0][1].decode_steps
+    cuda_peaks = [r[2] for r in runs if r[2] is not None]
+    row = {
+        "policy": name,
+        "batch": batch,
+        "tokens_per_s": batch * decode_steps / decode_s if decode_s > 0 else float("nan"),
+        "decode_s": decode_s,
+        "prefill_s": statistics.median(r[1].prefill_seconds for r in runs),
+        "decode_steps": decode_steps,
+        "peak_live_kv_mib": peak_live_kv_bytes(out, model) / 2**20,
+        "allocated_kv_mib": allocated_kv_bytes(out, model) / 2**20,
+        "cuda_peak_mib": max(cuda_peaks) / 2**20 if cuda_peaks else None,
+        "mean_kept_image": float(out.trace.kept_image.double().mean()),
+        "flops": trace_flops(out.trace, shape).total,
+        "dyrate_high": None,
+        "dyrate_low": None,
+    }
+    if engine == "hf":
+        _hf_columns(row, runs)
+    return row
+
+
+def _ratios(row: dict[str, Any], base: dict[str, Any]) -> None:
+    """FLOPs % and the ratios to NoPrune's row `base` at the same batch size."""
+    row["flops_pct"] = 100.0 * row["flops"] / base["flops"]
+    row["tokens_per_s_vs_noprune"] = row["tokens_per_s"] / base["tokens_per_s"]
+    row["peak_live_kv_vs_noprune"] = row["peak_live_kv_mib"] / base["peak_live_kv_mib"]
+    row["prefill_vs_noprune"] = row["prefill_s"] / base["prefill_s"]
+
+
+def _meta(
+    config: E2EConfig, device: torch.device, model: Any, prompt_lengths: dict[int, int]
+) -> dict[str, Any]:
+    """The run's metadata: where, from what, the config and the model."""
+    mcfg = config.model_config()
+    cfg = asdict(config)
+    cfg["batch_sizes"] = list(config.batch_sizes)
+    meta = run_metadata(
+        device,
+        config=cfg,
+        model=(
+            f"embedded LLaVA-1.5-shaped model (random weights, seed {mcfg.seed}): "
+            f"{mcfg.image_tokens} image tokens per image, decoder {mcfg.num_layers} layers, "
+            f"hidden {mcfg.hidden_size}, MLP {mcfg.intermediate_size}, {mcfg.num_heads} heads "
+            f"({mcfg.num_kv_heads} kv), {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
+            f", {config.attn} attention"
+        ),
+        prompt_length=prompt_lengths,
+    )
+    return meta
+
+
 def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns {"meta": ..., "rows": [...]} (one row per policy and batch).
 
@@ -264,55 +322,18 @@ def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
                 vanilla.append(
                     vanilla_generate(model, inputs, steps, pad, lambda b=batch: bar.update(b))
                 )
-        base: dict[str, float] = {}
+        base: dict[str, Any] = {}
         for name, _ in policies:
-            runs = samples[name]
-            out = runs[0][0]
-            decode_s = statistics.median(r[1].decode_seconds for r in runs)
-            prefill_s = statistics.median(r[1].prefill_seconds for r in runs)
-            decode_steps = runs[0][1].decode_steps
-            cuda_peaks = [r[2] for r in runs if r[2] is not None]
-            row = {
-                "policy": name,
-                "batch": batch,
-                "tokens_per_s": batch * decode_steps / decode_s if decode_s > 0 else float("nan"),
-                "decode_s": decode_s,
-                "prefill_s": prefill_s,
-                "decode_steps": decode_steps,
-                "peak_live_kv_mib": peak_live_kv_bytes(out, model) / 2**20,
-                "allocated_kv_mib": allocated_kv_bytes(out, model) / 2**20,
-                "cuda_peak_mib": max(cuda_peaks) / 2**20 if cuda_peaks else None,
-                "mean_kept_image": float(out.trace.kept_image.double().mean()),
-                "flops": trace_flops(out.trace, shape).total,
-                "dyrate_high": high if name.startswith("DyRate") else None,
-                "dyrate_low": low if name.startswith("DyRate") else None,
-            }
-            if config.engine == "hf":
-                _hf_columns(row, runs)
-            if name == "NoPrune":
-                base = row
-            row["flops_pct"] = 100.0 * row["flops"] / base["flops"]
-            row["tokens_per_s_vs_noprune"] = row["tokens_per_s"] / base["tokens_per_s"]
-            row["peak_live_kv_vs_noprune"] = row["peak_live_kv_mib"] / base["peak_live_kv_mib"]
-            row["prefill_vs_noprune"] = row["prefill_s"] / base["prefill_s"]
+            row = _policy_row(name, samples[name], batch, model, shape, config.engine)
+            if name.startswith("DyRate"):
+                row["dyrate_high"], row["dyrate_low"] = high, low
+            base = base or row  # NoPrune comes first
+            _ratios(row, base)
             rows.append(row)
         if vanilla:
             rows.append(_vanilla_row(base, vanilla, batch))
     bar.close()
-    cfg = asdict(config)
-    cfg["batch_sizes"] = list(config.batch_sizes)
-    meta = run_metadata(
-        device,
-        config=cfg,
-        model=(
-            f"embedded LLaVA-1.5-shaped model (random weights, seed {mcfg.seed}): "
-            f"{mcfg.image_tokens} image tokens per image, decoder {mcfg.num_layers} layers, "
-            f"hidden {mcfg.hidden_size}, MLP {mcfg.intermediate_size}, {mcfg.num_heads} heads "
-            f"({mcfg.num_kv_heads} kv), {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
-            f", {config.attn} attention"
-        ),
-        prompt_length=prompt_lengths,
-    )
+    meta = _meta(config, device, model, prompt_lengths)
     return {"meta": meta, "rows": rows}
 
 
