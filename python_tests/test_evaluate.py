@@ -16,6 +16,7 @@ from dyrate_ext.data.scenes import Scene, SceneObject
 from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
 from dyrate_ext.evaluate.__main__ import find_predictors, predictor_specs
 from dyrate_ext.evaluate.__main__ import main as evaluate_main
+from dyrate_ext.evaluate.report import rows_by_set
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.train.model import MICRO
 from dyrate_ext.train.vlm import TrainConfig, train_vlm
@@ -86,7 +87,7 @@ def test_cli_writes_tables_json_and_plots(tiny_checkpoint, tmp_path):
     assert evaluate_main(args) == 0
     doc = json.loads(out.with_suffix(".json").read_text())
     assert {"date", "machine", "commit", "model"} <= doc["meta"].keys()
-    tables = doc["tables"]
+    tables = rows_by_set(doc)
     assert len(tables) == 2
     rows = {r["name"]: r for r in next(iter(tables.values()))}
     assert rows["NoPrune"]["flops_percent"] == pytest.approx(100.0)
@@ -122,7 +123,7 @@ def test_cli_on_a_coco_caption_set(tiny_checkpoint, tmp_path):
     args = ["--model", str(tiny_checkpoint / "model"), "--data", str(tmp_path / "coco")]
     args += ["--max-new-tokens", "3", "--sweep", "small", "--no-folder-predictors", "--quiet"]
     assert evaluate_main([*args, "--out", str(out)]) == 0
-    ((name, rows),) = json.loads(out.with_suffix(".json").read_text())["tables"].items()
+    ((name, rows),) = rows_by_set(json.loads(out.with_suffix(".json").read_text())).items()
     assert name.startswith(str(tmp_path / "coco")) and name.endswith("dense")
     assert {r["name"] for r in rows} >= {"NoPrune", "VTW(k=1)", "FastV(k=2 r=0.5)"}
     assert not any(r["family"] == "DyRate" for r in rows)

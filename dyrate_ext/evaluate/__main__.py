@@ -20,7 +20,7 @@ import torch
 
 from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune
 from ..predictor import RatePredictor
-from ..timing import describe_machine, git_commit
+from ..results import run_metadata
 from .report import markdown_table, plot_pareto, write_json
 from .runner import Row, Spec, coco_set, embedded_set, prepare, run_policy
 
@@ -155,17 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     meta, tables = evaluate(args)
-    meta.update(
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=describe_machine(),
-        commit=git_commit(),
+    meta = run_metadata(
+        args.device or "cpu",
+        **meta,
         model=args.model or "dyrate_ext/assets/tiny_llava (committed tiny LLaVA)",
         data=args.data or "embedded test split",
         predictors=args.predictor,
         max_new_tokens=args.max_new_tokens,
         decoding="greedy",
         dtype=args.dtype,
-        device=args.device,
+        run_on=args.device,
         seconds=round(time.perf_counter() - start, 1),
     )
     out = Path(args.out)

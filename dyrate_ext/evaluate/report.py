@@ -3,14 +3,14 @@ Pareto plot (CIDEr vs decoder FLOPs %, one curve per policy family)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..results import format_table, write_results
 from .runner import Row
 
-__all__ = ["markdown_table", "plot_pareto", "write_json"]
+__all__ = ["markdown_table", "plot_pareto", "rows_by_set", "write_json"]
 
 ADAPTIVE = {"DyRate", "AttentionMass"}
 
@@ -19,39 +19,64 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+HEADERS = [
+    "Method",
+    "FLOPs (%)",
+    "GFLOPs / caption",
+    "Prefill (ms / image)",
+    "Decode (ms / step)",
+    "CIDEr",
+    "BLEU-4",
+    "Fact P",
+    "Fact R",
+    "Kept image tokens",
+    "Tokens",
+    "Auto R",
+]
+
+
 def markdown_table(rows: list[Row], title: str) -> str:
     """Table III's columns (method, FLOPs %, latency, CIDEr, auto rate) plus BLEU-4, fact
     precision / recall, kept image tokens and caption length."""
-    head = (
-        "| Method | FLOPs (%) | GFLOPs / caption | Prefill (ms / image) | Decode (ms / step) "
-        "| CIDEr | BLEU-4 | Fact P | Fact R | Kept image tokens | Tokens | Auto R |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|\n"
-    )
-    lines = [f"**{title}**\n", head.rstrip("\n")]
-    for r in rows:
-        lines.append(
-            f"| {r.name} | {r.flops_percent:.1f} | {r.gflops_per_caption:.3f} "
-            f"| {r.prefill_ms_per_image:.1f} | {r.decode_ms_per_step:.1f} | {r.cider:.1f} "
-            f"| {r.bleu4:.1f} | {_fmt(r.fact_precision)} | {_fmt(r.fact_recall)} "
-            f"| {r.kept_image_tokens:.1f} / {r.image_tokens:.0f} | {r.mean_tokens:.1f} "
-            f"| {'yes' if r.family in ADAPTIVE else ''} |"
-        )
-    return "\n".join(lines) + "\n"
+    cells = [
+        [
+            r.name,
+            f"{r.flops_percent:.1f}",
+            f"{r.gflops_per_caption:.3f}",
+            f"{r.prefill_ms_per_image:.1f}",
+            f"{r.decode_ms_per_step:.1f}",
+            f"{r.cider:.1f}",
+            f"{r.bleu4:.1f}",
+            _fmt(r.fact_precision),
+            _fmt(r.fact_recall),
+            f"{r.kept_image_tokens:.1f} / {r.image_tokens:.0f}",
+            f"{r.mean_tokens:.1f}",
+            "yes" if r.family in ADAPTIVE else "",
+        ]
+        for r in rows
+    ]
+    return f"**{title}**\n\n{format_table(HEADERS, cells)}\n"
 
 
 def write_json(path: str | Path, meta: dict[str, Any], tables: dict[str, list[Row]]) -> None:
-    """`{"meta": ..., "tables": {name: [row, ...]}}`; each row keeps 5 example captions."""
-    doc = {"meta": meta, "tables": {}}
-    for name, rows in tables.items():
-        out = []
-        for r in rows:
+    """The shared results schema (`dyrate_ext.results`): one row per policy and caption set,
+    its set named in "set"; each row keeps 5 example captions."""
+    rows = []
+    for name, table in tables.items():
+        for r in table:
             d = asdict(r)
             d["examples"] = {str(k): v for k, v in list(r.captions.items())[:5]}
             del d["captions"]
-            out.append(d)
-        doc["tables"][name] = out
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1))
+            rows.append({"set": name, **d})
+    write_results(path, meta, rows)
+
+
+def rows_by_set(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of a results document written by `write_json`, grouped by caption set."""
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for row in doc["rows"]:
+        tables.setdefault(row["set"], []).append(row)
+    return tables
 
 
 def plot_pareto(path: str | Path, rows: list[Row], title: str) -> None:
