@@ -108,6 +108,21 @@ class E2EConfig:
         )
 
 
+def tiny_config(**overrides: Any) -> E2EConfig:
+    """The benchmark at smoke-test size (batch 1 and 3, 3 tokens, a 4-layer width-64 decoder,
+    64 image tokens); `overrides` replace fields."""
+    fields = dict(
+        batch_sizes=(1, 3),
+        max_new_tokens=3,
+        repeats=1,
+        num_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        image_size=112,
+    )
+    return E2EConfig(**{**fields, **overrides})
+
+
 def make_batch(processor: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     """B prompts in LLaVA-1.5's template, each with its own picture and question, left-padded:
     input_ids / attention_mask int64 [B, S], pixel_values float32 [B, 3, H, W]."""

@@ -20,16 +20,7 @@ import e2e_report
 
 
 def test_run_e2e_tiny(tmp_path, monkeypatch):
-    config = e2e.E2EConfig(
-        batch_sizes=(1, 3),
-        max_new_tokens=3,
-        repeats=1,
-        num_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        image_size=56,  # 16 image tokens
-    )
-    result = e2e.run_e2e(config, progress=False)
+    result = e2e.run_e2e(e2e.tiny_config(image_size=56), progress=False)  # 16 image tokens
     rows = result["rows"]
     assert [(r["batch"], r["policy"]) for r in rows][:2] == [
         (1, "NoPrune"),

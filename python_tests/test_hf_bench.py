@@ -17,17 +17,7 @@ import e2e
 
 
 def tiny(engine: str) -> dict:
-    config = e2e.E2EConfig(
-        batch_sizes=(1, 3),
-        max_new_tokens=3,
-        repeats=1,
-        num_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        image_size=112,  # 64 image tokens
-        engine=engine,
-    )
-    return e2e.run_e2e(config, progress=False)
+    return e2e.run_e2e(e2e.tiny_config(engine=engine), progress=False)
 
 
 def test_generate_path_rows():
