@@ -167,5 +167,11 @@ def test_caption_demo_on_the_committed_model(tmp_path, capsys):
     assert "reference:" in out and "CIDEr" in out and "FLOPs %" in out
     for name in ("NoPrune", "FastV(k=2 r=0.5)", "DyRate(k=2 budget=0.80)", "DyRate(hand-set k=2)"):
         assert f"\n{name} " in out, name
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--engine", "hf"])  # the caption demo runs the reference loop
+    hf_js = tmp_path / "captions_hf.json"
+    assert demo.main([*argv, "--predictor", str(path), "--json", str(hf_js), "--engine", "hf"]) == 0
+    assert "engine: Hugging Face model.generate()" in capsys.readouterr().out
+    hf_rows = json.loads(hf_js.read_text())["rows"]
+    for a, b in zip(rows, hf_rows):  # the same captions and keep counts through generate()
+        assert a["name"] == b["name"] and a["captions"] == b["captions"]
+        assert a["kept_image_tokens"] == pytest.approx(b["kept_image_tokens"])
+        assert a["flops_percent"] == pytest.approx(b["flops_percent"])

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..evaluate.__main__ import find_predictors, load_model, predictor_specs
 from ..evaluate.runner import Row, Spec, embedded_set, prepare, run_policy
+from ..hf.engines import ENGINE_NOTE
 from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune, generate
 from ..llava.embedded import hand_set_predictor
 from ..results import format_table, run_metadata, write_results
@@ -89,6 +90,7 @@ def run_caption_demo(args: argparse.Namespace) -> int:
     dyrate = predictor_specs(paths, args.dyrate_k)
     hand_set = _hand_set(model, batches[0], args.dyrate_k, args.max_new_tokens)
     print(f"model: trained tiny LLaVA from {checkpoint} ({layers} decoder layers)")
+    print(f"engine: {ENGINE_NOTE[args.engine]}")
     if not dyrate:
         print("note: no trained DyRate predictor found; only the hand-set baseline runs")
     rows = [
@@ -100,6 +102,7 @@ def run_caption_demo(args: argparse.Namespace) -> int:
             spec,
             max_new_tokens=args.max_new_tokens,
             progress=not args.no_progress,
+            engine=args.engine,
         )
         for spec in caption_specs(layers, dyrate, hand_set)
     ]

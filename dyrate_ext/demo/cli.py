@@ -5,7 +5,8 @@ Two demos share these options:
 - Default, **captions**: the tiny LLaVA trained here (`dyrate_ext/assets/tiny_llava`, see
   `python -m dyrate_ext.train`) captions `--images` procedural test pictures under NoPrune,
   FastV, VTW, AttentionMass, DyRate with the committed trained predictors and DyRate with the
-  hand-set predictor (a named baseline); it prints the first picture's reference caption and
+  hand-set predictor (a named baseline), through the reference loop or (`--engine hf`)
+  Hugging Face's own `model.generate()`; it prints the first picture's reference caption and
   each policy's caption, then CIDEr, BLEU-4, decoder FLOPs % and kept image tokens
   (`dyrate_ext.demo.captions`).
 - `--random-model` (or `--model PATH`), **one prompt**: the LLaVA-1.5-shaped model with random
@@ -84,8 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--images must be >= 1")
     if args.max_new_tokens is None:
         args.max_new_tokens = 64 if one_prompt(args) else 72
-    if not one_prompt(args) and args.engine != "loop":
-        ap.error("--engine hf runs with --random-model or --model (the caption demo uses the loop)")
     return args
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..flops import LLAVA_15_7B, DecoderShape
+from ..hf.engines import ENGINE_NOTE
 from ..llava import GenerateOutput, NoPrune
 from ..predictor import RatePredictor
 from ..results import run_metadata, write_results
@@ -36,12 +37,7 @@ from .runner import (
     run_policy,
 )
 
-__all__ = ["ENGINE_NOTE", "run_prompt_demo"]
-
-ENGINE_NOTE = {
-    "loop": "dyrate_ext.llava.generate (the reference loop)",
-    "hf": "Hugging Face model.generate() inside dyrate_ext.hf.pruning",
-}
+__all__ = ["run_prompt_demo"]
 
 
 def run_prompt_demo(args: argparse.Namespace, argv: list[str] | None = None) -> int:

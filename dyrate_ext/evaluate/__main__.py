@@ -99,6 +99,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument(
+        "--engine",
+        choices=("loop", "hf"),
+        default="loop",
+        help="loop: dyrate_ext.llava.generate; hf: model.generate() inside dyrate_ext.hf.pruning",
+    )
     ap.add_argument("--out", default="bench/results/eval", help="output path prefix")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
@@ -127,11 +133,18 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
         for spec in _progress(specs, data.name, args.quiet):
             rows.append(
                 run_policy(
-                    model, tokenizer, batches, data, spec, args.max_new_tokens, not args.quiet
+                    model,
+                    tokenizer,
+                    batches,
+                    data,
+                    spec,
+                    args.max_new_tokens,
+                    not args.quiet,
+                    engine=args.engine,
                 )
             )
         tables[data.name] = rows
-    return {"n_images": args.n}, tables
+    return {"n_images": args.n, "engine": args.engine}, tables
 
 
 def _to(key: str, value: torch.Tensor, model) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Run pruning policies over a caption set with `dyrate_ext.llava.generate` and score them.
+"""Run pruning policies over a caption set (the reference loop or `model.generate()`) and score them.
 
     data = embedded_set("test", n=200, style="redundant")   # or coco_set("path/to/coco")
     batches = prepare(processor, data, prompt, batch_size=50)
@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ..data import CocoCaptions, Scene, load_coco, load_split
 from ..flops import DecoderShape, generation_flops, trace_flops
-from ..llava import Policy, generate
-from ..timing import StepClock
+from ..hf.engines import run_policy as run_engine
+from ..llava import Policy
 from .metrics import bleu4, cider, facts
 
 __all__ = ["EvalSet", "Row", "Spec", "coco_set", "embedded_set", "prepare", "run_policy"]
@@ -149,8 +149,11 @@ def run_policy(
     spec: Spec,
     max_new_tokens: int = 72,
     progress: bool = True,
+    engine: str = "loop",
 ) -> Row:
-    """Generate greedily with `spec.policy` on every batch and score the captions."""
+    """Generate greedily with `spec.policy` on every batch and score the captions. `engine`:
+    "loop" (`dyrate_ext.llava.generate`) or "hf" (`model.generate()` under
+    `dyrate_ext.hf.pruning`), as in `dyrate_ext.hf.engines`."""
     shape = DecoderShape.from_config(model.config)
     eos = int(tokenizer.eos_token_id)
     hyps: dict[int, str] = {}
@@ -161,15 +164,13 @@ def run_policy(
     bar = tqdm(total=len(data.image_ids), desc=spec.name, disable=not progress, leave=False)
     for b in batches:
         pixels = b["blank_pixel_values"] if spec.blank_image else b["pixel_values"]
-        with StepClock(model) as clock:
-            out = generate(
-                model,
-                b["input_ids"],
-                pixels,
-                b["attention_mask"],
-                policy=spec.policy,
-                max_new_tokens=max_new_tokens,
-            )
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        inputs["pixel_values"] = pixels
+        gen = model.generation_config
+        out, clock = run_engine(
+            model, inputs, spec.policy, max_new_tokens, gen.eos_token_id, gen.pad_token_id,
+            engine=engine,
+        )  # fmt: skip
         prefill_s += clock.prefill_seconds
         decode_s += clock.decode_seconds
         decode_steps += clock.decode_steps
