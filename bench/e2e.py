@@ -33,6 +33,9 @@ Ratios to NoPrune come from the same run.
 bytes the PruningCache really holds (peak over steps; `held_vs_live_kv` is its largest ratio
 to the live slots), and a "generate()" row per batch size times vanilla `model.generate()`
 (no pruning, transformers' DynamicCache, whose bytes are its peak).
+
+Size: this docstring and one benchmark's config, runs, rows and command line, both engines;
+the tables are bench/e2e_report.py's.
 """
 
 from __future__ import annotations
