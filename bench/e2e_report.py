@@ -70,7 +70,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Model: {meta['model']}. Prompts (padded length {lengths}): LLaVA-1.5 template, one "
         f"picture and question per sample; {cfg['max_new_tokens']} new tokens each, no stop "
         f"token; times are the median of {cfg['repeats']} run(s), policies interleaved. DyRate "
-        "uses the hand-set predictor (no trained weights). "
+        "uses the hand-set predictor (the trained ones belong to the tiny LLaVA, not this model). "
         f"Engine: {ENGINES[cfg.get('engine', 'loop')]}.",
         "",
         "Decode throughput, tokens/s (ratio to NoPrune at the same batch size):",

@@ -169,7 +169,7 @@ def _predictor(
         base_out.trace, shape.num_heads, args.dyrate_rates, args.dyrate_high, args.dyrate_low
     )
     note = (
-        f"DyRate predictor: HAND-SET, no trained weights - RatePredictor.from_image_mass("
+        f"DyRate predictor: HAND-SET (no trained weights for this model) - RatePredictor.from_image_mass("
         f"high={high:.4f}, low={low:.4f}): rate 0 at image mass >= high, "
         f"{args.dyrate_rates - 1}/{args.dyrate_rates} at <= low, linear between "
         f"(set from the NoPrune run's layer-{stats_layer} image attention mass)"
