@@ -15,7 +15,8 @@ For each kernel launch of attention_stats, select_keep and compact_ at the LLaVA
 - est us / % roofline: Little's law. Bandwidth reaches the roofline once the SMs in use hold
   bandwidth * latency bytes in flight (--latency-ns, default 600), else scales down; a last
   partial wave runs with only its own blocks' loads in flight; each launch adds a fixed cost
-  (--launch-us, default 1.0: ramp-up, drain and the gap between dependent launches). Not
+  (--launch-us, default 1.0: ramp-up, drain and the gap between dependent launches); a
+  last-block merge inside a launch adds its serial tail (stats_tail). Not
   modelled: instruction issue (far from the limit at Q = 1), L2 hits, DRAM page effects.
 The estimate is a model, not a measurement: bench/gpu_check.sh compares it with measured GB/s
 (--compare) the day a GPU runs the benchmark.
@@ -47,6 +48,9 @@ SMEM_RESERVED = 1024  # per block, reserved by the system
 PRUNED_LAYERS = LLAVA_7B.layers - 1
 SHAPES = [(1, 650), (8, 650), (32, 650), (8, 4096)]  # (B, L)
 ELEM = 2  # fp16 / bf16: the same bytes and the same SASS shape
+FIN_BATCH, FIN_HEADS = 4, 8  # kFinBatch, kFinHeads of csrc/kernels/attention_stats.cuh
+STATS_KERNEL = "attention_stats: q.k pass + last-block merge"
+STATS_TOTAL = "attention_stats (1 launch)"
 
 
 @dataclass
@@ -109,6 +113,8 @@ class Launch:
     nbytes: int
     load_bytes: int  # bytes per load instruction of one thread
     in_flight: int  # independent loads per thread
+    tail_bytes: int = 0  # moved after the grid's last wave (a last-block merge), not streamed
+    tail_s: float = 0.0  # time of that serial tail
 
 
 def estimate(x: Launch, sms: int, bw: float, latency: float, launch: float) -> dict[str, object]:
@@ -124,12 +130,12 @@ def estimate(x: Launch, sms: int, bw: float, latency: float, launch: float) -> d
     full, last = divmod(x.blocks, wave)
     per_block = x.nbytes / x.blocks
     t = full * wave * per_block / rate(wave) + (last * per_block / rate(last) if last else 0.0)
-    t += launch
-    roof = x.nbytes / bw
+    t += launch + x.tail_s
+    roof = (x.nbytes + x.tail_bytes) / bw
     return {
         "kernel": x.kernel,
         "blocks": x.blocks,
-        "MB": round(x.nbytes / 1e6, 2),
+        "MB": round((x.nbytes + x.tail_bytes) / 1e6, 2),
         "roofline us": round(roof * 1e6, 2),
         "regs": x.facts.regs,
         "spill B": x.facts.spill,
@@ -142,30 +148,42 @@ def estimate(x: Launch, sms: int, bw: float, latency: float, launch: float) -> d
     }
 
 
-def stats_launches(b: int, length: int, facts, plan_fn, sms: int) -> list[Launch]:
-    """The three launches of attention_stats at Q = 1 (the kept-logits path)."""
+def stats_tail(b: int, length: int, chunks: int, latency: float) -> tuple[int, float]:
+    """Bytes and time of attention_stats' last-block merge at Q = 1 (csrc/kernels/
+    attention_stats.cuh, StatsFinal), which runs after the q.k pass's last block:
+    - two handshakes (fence, then an atomic round trip), 2 load latencies each;
+    - the last block of each kv head (one per (b, kv head), in parallel): merge its C partials
+      and its row of logits into head_score, then type_mass; 256 threads with FIN_BATCH
+      independent 4-byte loads each;
+    - the last of those per sample: token_score from the H rows of head_score, FIN_BATCH *
+      FIN_HEADS independent loads per thread."""
+    h, hkv = LLAVA_7B.heads, LLAVA_7B.kv_heads
+    g, q = h // hkv, 1
+    per_kv = g * (2 * q * chunks * 4 + q * length * 4 + length * 4 + length * 4 + length)
+    per_sample = h * length * 4 + length * 4
+    block_rate = 256 * 4 / latency  # bytes/s of one block with one 4-byte load per thread
+    t = 4 * latency + per_kv / (block_rate * FIN_BATCH)
+    t += per_sample / (block_rate * FIN_BATCH * FIN_HEADS)
+    return b * hkv * per_kv + b * per_sample + b * h * 16, t
+
+
+def stats_launches(b: int, length: int, facts, plan_fn, sms: int, latency: float) -> list[Launch]:
+    """attention_stats at Q = 1 (the kept-logits path): one launch, the q.k pass streaming the
+    keys, then the last-block merge (stats_tail)."""
     h, d, q = LLAVA_7B.heads, LLAVA_7B.head_dim, 1
     qk = find(facts, "qk_kernelI6__halfLi8ELb0E")
     per_sm = blocks_per_sm(qk, 256, 4 * d * 4)
     p = plan_fn(b, h, LLAVA_7B.kv_heads, q, length, d, ELEM, True, sms, per_sm)
     chunks = int(p["chunks"])
-    logits, head = b * h * q * length * 4, b * h * length * 4
+    logits = b * h * q * length * 4
     k_bytes = b * LLAVA_7B.kv_heads * length * d * ELEM
     part = 2 * b * h * q * chunks * 4
+    tail_bytes, tail_s = stats_tail(b, length, chunks, latency)
     return [
         Launch(
-            "attention_stats: q.k pass", chunks * LLAVA_7B.kv_heads * b, 256, qk,
+            STATS_KERNEL, chunks * LLAVA_7B.kv_heads * b, 256, qk,
             int(p["rows_per_tile"]) * d * 4, k_bytes + b * h * q * d * ELEM + b * length
-            + logits + part, 16, 4,
-        ),
-        Launch(
-            "attention_stats: softmax", b * h * math.ceil(length / 256), 256,
-            find(facts, "logits_head_scores_kernel"), 0, logits + part + head, 4, 1,
-        ),
-        Launch(
-            "attention_stats: finalize", math.ceil(b * length / 256) + b * h, 256,
-            find(facts, "finalize_stats_kernel"), 0, 2 * head + 2 * b * length + b * length * 4
-            + b * h * 16, 4, 1,
+            + logits + part, 16, 4, tail_bytes, tail_s,
         ),
     ]  # fmt: skip
 
@@ -213,7 +231,7 @@ def model_rows(
     """One row per launch and shape, plus a total row per shape for attention_stats."""
     rows = []
     for b, length in SHAPES:
-        launches = stats_launches(b, length, facts, plan_fn, sms)
+        launches = stats_launches(b, length, facts, plan_fn, sms, latency)
         if length == LLAVA_7B.length:
             launches += prune_launches(b, length, facts)
         for x in launches:
@@ -222,7 +240,7 @@ def model_rows(
         roof = sum(float(r["roofline us"]) for r in stats)
         est = sum(float(r["est us"]) for r in stats)
         rows.append(
-            {"shape": f"B={b} L={length}", "kernel": "attention_stats (3 launches)",
+            {"shape": f"B={b} L={length}", "kernel": STATS_TOTAL,
              "MB": round(sum(float(r["MB"]) for r in stats), 2), "roofline us": round(roof, 2),
              "est us": round(est, 2), "% roofline": round(100 * roof / est, 1)}
         )  # fmt: skip
@@ -254,7 +272,7 @@ def compare(rows: list[dict[str, object]], results: Path) -> str:
         b = re.search(r"B=(\d+)", r["shape"])
         n = re.search(r"L=(\d+)", r["shape"])
         key = f"B={b.group(1)} L={n.group(1)}" if b and n else ""
-        name = "attention_stats (3 launches)" if r["op"] == "attention_stats" else r["op"]
+        name = STATS_TOTAL if r["op"] == "attention_stats" else r["op"]
         hits = [m for m in rows if m["shape"] == key and str(m["kernel"]).startswith(name)]
         if hits:
             model = r["bytes"] / (float(hits[0]["est us"]) * 1e-6) / 1e9

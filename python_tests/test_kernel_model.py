@@ -45,7 +45,8 @@ def test_model_of_this_source(emu_module):
     for r in rows:
         assert 0 < float(r["% roofline"]) <= 100
         assert float(r["est us"]) >= float(r["roofline us"])
-    qk = [r for r in rows if r["kernel"] == "attention_stats: q.k pass"]
+    qk = [r for r in rows if r["kernel"] == km.STATS_KERNEL]
+    assert len(qk) == len(km.SHAPES)  # one launch per attention_stats call
     assert all(r["blocks/SM"] >= 3 and r["in flight/SM KiB"] >= 32 for r in qk)
     text = km.markdown(rows, 3.35e12, 132, 600e-9, 1e-6)
     assert text.count("\n|") == len(rows) + 2  # header, rule, rows
@@ -54,7 +55,7 @@ def test_model_of_this_source(emu_module):
 def test_compare_reads_bench_results(tmp_path):
     """--compare matches bench_ops rows (op, shape) to model rows and prints both GB/s."""
     rows = [
-        {"shape": "B=8 L=650", "kernel": "attention_stats (3 launches)", "est us": 20.0},
+        {"shape": "B=8 L=650", "kernel": km.STATS_TOTAL, "est us": 20.0},
         {"shape": "B=8 L=650", "kernel": "select_keep", "est us": 2.0},
     ]
     bench = {

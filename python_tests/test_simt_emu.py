@@ -13,6 +13,8 @@ so it is the check, not some other error, that catches the bug:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -102,3 +104,28 @@ def test_write_set_check_catches_overlapping_compact(emu, gen):
     expected = [ref.compact(v, idx, n) for v in views]
     emu.compact_unchecked_(views, idx, n)
     assert all(torch.equal(v, e) for v, e in zip(views, expected))
+
+
+def test_last_block_handshake_orders_the_reads(emu):
+    """The "last block done" pattern (a fence in every thread, then an atomic counter) orders
+    the other blocks' writes before the last block's reads: the write-set check accepts it, the
+    sum is right in every block order, and the counter is back at zero for the next launch.
+    Without the fence the check reports the race; with the last block chosen by index
+    instead of by the counter it does whenever that block is not in fact the last to arrive."""
+    expected = sum(10 + b for b in range(8))
+    race = r"by block \(\d, 0, 0\) is (read|written) by block"
+    for seed in range(4):
+        emu.set_seed(seed)
+        out = run(emu, "last_block_sum", torch.zeros(10, dtype=torch.int32), arg=0)
+        assert out[0] == 0 and out[9] == expected
+        with pytest.raises(RuntimeError, match=race):
+            run(emu, "last_block_sum", torch.zeros(10, dtype=torch.int32), arg=1)
+    failures = 0
+    for seed in range(8):
+        emu.set_seed(seed)
+        try:
+            run(emu, "last_block_sum", torch.zeros(10, dtype=torch.int32), arg=2)
+        except RuntimeError as e:
+            assert re.search(race, str(e)), e
+            failures += 1
+    assert failures > 0

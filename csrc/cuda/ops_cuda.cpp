@@ -16,10 +16,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -101,6 +105,27 @@ void finalize_stats(const at::Tensor& head_score, const at::Tensor& token_type, 
       type_mass.data_ptr<float>(), token_score.data_ptr<float>(), stream));
 }
 
+// Counters of attention_stats' one-launch path (K::StatsFinal), per (device, stream): zero
+// between launches, since the last block to arrive resets each one. Grown (zero-filled on the
+// stream, no host sync) only outside graph capture; a buffer is never freed, because a
+// captured graph keeps its pointer. nullptr: too small while capturing (the caller then takes
+// the three-launch path). Launches on one stream are ordered, so they share its counters; a
+// graph must not be replayed concurrently with work on the stream it was captured on.
+unsigned* stats_counters(const at::Tensor& like, int64_t n, cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, std::vector<at::Tensor>>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::vector<at::Tensor>& held = (*buffers)[{static_cast<int>(like.get_device()), stream}];
+  if (held.empty() || held.back().numel() < n) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return nullptr;
+    const int64_t size = held.empty() ? n : std::max(n, 2 * held.back().numel());
+    held.push_back(at::zeros({size}, like.options().dtype(at::kInt)));
+  }
+  return reinterpret_cast<unsigned*>(held.back().data_ptr<int32_t>());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -137,6 +162,16 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
   at::Tensor type_mass = at::empty({d.B, d.Hq, num_types}, f32);
   at::Tensor token_score = at::empty({d.B, d.L}, f32);
   const cudaStream_t stream = current_stream();
+  // Q <= kStatsMaxStoredRows: one launch does the whole call (see K::StatsFinal).
+  K::StatsFinal fin{};
+  if (plan.store_logits) {
+    fin.counters = stats_counters(q, d.B * d.Hkv + d.B, stream);
+    fin.head_score = head_score.data_ptr<float>();
+    fin.type_mass = type_mass.data_ptr<float>();
+    fin.token_score = token_score.data_ptr<float>();
+    fin.inv_rows = 1.f / static_cast<float>(d.Q);
+    fin.inv_heads_rows = 1.f / static_cast<float>(d.Hq * d.Q);
+  }
 
   auto launch = [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -162,9 +197,15 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
     a.num_types = static_cast<int>(num_types);
     a.scale = static_cast<float>(scale);
     a.causal = causal;
-    C10_CUDA_CHECK(
-        K::launch_qk_partials<T>(a, plan, part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
-                                 plan.store_logits ? logits.data_ptr<float>() : nullptr, stream));
+    if (fin.counters != nullptr) {
+      C10_CUDA_CHECK(K::launch_qk_partials<T>(a, plan, part_max.data_ptr<float>(),
+                                              part_sum.data_ptr<float>(), logits.data_ptr<float>(),
+                                              &fin, stream));
+      return;
+    }
+    C10_CUDA_CHECK(K::launch_qk_partials<T>(
+        a, plan, part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
+        plan.store_logits ? logits.data_ptr<float>() : nullptr, nullptr, stream));
     if (plan.store_logits) {
       C10_CUDA_CHECK(K::launch_logits_head_scores(
           logits.const_data_ptr<float>(), part_max.const_data_ptr<float>(),
@@ -189,8 +230,10 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
     default:
       TORCH_CHECK(false, "attention_stats: unsupported dtype ", q.scalar_type());
   }
-  finalize_stats(head_score, token_type, d.B, d.Hq, d.Q, d.L, num_types, type_mass, token_score,
-                 stream);
+  if (fin.counters == nullptr) {
+    finalize_stats(head_score, token_type, d.B, d.Hq, d.Q, d.L, num_types, type_mass, token_score,
+                   stream);
+  }
   return {type_mass, token_score};
 }
 

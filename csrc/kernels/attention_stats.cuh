@@ -8,8 +8,8 @@
 //           When Q <= kStatsMaxStoredRows it also keeps the logits (then [B, H_q, Q, L] is at
 //           most 8 B H_q L floats).
 //   pass 2  head_score[b, h, j] = sum_i p[b, h, i, j], each row normalised with its C partials
-//           merged in chunk order: from the kept logits (logits_head_scores_kernel, one thread
-//           per (b, h, j)), or for larger Q by recomputing q.k (qk_kernel<kScores = true>, the
+//           merged in chunk order: from the kept logits (logits_head_scores_kernel, one block
+//           per (b, h)), or for larger Q by recomputing q.k (qk_kernel<kScores = true>, the
 //           same grid as pass 1).
 //   pass 3  finalize_stats_kernel: token_score = head_score summed over heads (in head order),
 //           type_mass = head_score summed by slot type. Summing head_score by type equals
@@ -17,7 +17,16 @@
 // Scratch: partials [B, H_q, Q, C] (C limited so that Q * C <= 4 L when logits are not kept),
 // logits when Q is small, head_score [B, H_q, L]. Every output element is written by exactly
 // one thread and every sum runs in a fixed order, so results are bitwise reproducible run to
-// run; there are no atomics.
+// run.
+//
+// One launch for Q <= kStatsMaxStoredRows (StatsFinal): pass 1 ends with a "last block done"
+// handshake (each thread fences its writes, one atomicInc per block on a counter per (sample,
+// kv head)); the last chunk block of a kv head runs pass 2 and the type_mass half of pass 3 for
+// its heads with the same device functions, then a second handshake per sample lets the last
+// such block write token_score. The atomics only elect a block; every sum runs through the
+// same device function in the same order as in the three-launch path, so results stay bitwise
+// reproducible (and equal that path's bits in the emulator). atomicInc wraps each counter back
+// to zero, so a per-stream buffer zeroed once serves every later launch and graph replay.
 //
 // Memory side of the q.k passes (the decode case, Q = 1, is a stream over the keys): each thread
 // issues kStatsKeysInFlight independent 16-byte key loads (rounds of key rows) before it uses any
@@ -42,6 +51,9 @@ namespace dyrate {
 namespace kernels {
 namespace detail {
 
+// Slots and heads per round of independent loads in the merge and finalize loops.
+constexpr int kFinBatch = 4, kFinHeads = 8;
+
 // acc + <q[0:V], k[0:V]>; q is 16-byte aligned shared memory when V is a multiple of 4.
 template <int V>
 __device__ __forceinline__ float dot_acc(const float* q, const float (&k)[V], float acc) {
@@ -61,18 +73,181 @@ __device__ __forceinline__ float dot_acc(const float* q, const float (&k)[V], fl
   return acc;
 }
 
+// head_score[bh, j] for every slot j of one (b, h) from its kept logits: each row normalised
+// with its C partials merged in chunk order, the rows added in order. Called by a whole block
+// of 256 threads; row_max and row_inv are shared [kStatsMaxStoredRows]. __ldcg: the logits
+// and partials may come from other blocks of the same launch (read past the L1).
+__device__ __forceinline__ void logits_head_score_row(const float* logits, const float* part_max,
+                                                      const float* part_sum, float* head_score,
+                                                      int64_t bh, int Q, int L, int C,
+                                                      float* row_max, float* row_inv) {
+  if (static_cast<int>(threadIdx.x) < Q) {
+    const int64_t at = (bh * Q + threadIdx.x) * C;
+    float m = -INFINITY, s = 0.f;
+#pragma unroll 4
+    for (int cc = 0; cc < C; ++cc) {
+      softmax_merge(m, s, __ldcg(part_max + at + cc), __ldcg(part_sum + at + cc));
+    }
+    row_max[threadIdx.x] = m;
+    row_inv[threadIdx.x] = m == -INFINITY ? 0.f : 1.f / s;
+  }
+  __syncthreads();
+  // kFinBatch slots per thread at a time, their loads issued before any is used.
+  const int step = static_cast<int>(blockDim.x);
+  for (int j0 = threadIdx.x; j0 < L; j0 += kFinBatch * step) {
+    float sum[kFinBatch];
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) sum[u] = 0.f;
+    for (int i = 0; i < Q; ++i) {
+      const float* row = logits + (bh * Q + i) * L;
+      float l[kFinBatch];
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        l[u] = j0 + u * step < L ? __ldcg(row + j0 + u * step) : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        if (l[u] != -INFINITY) sum[u] += expf(l[u] - row_max[i]) * row_inv[i];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+      if (j0 + u * step < L) head_score[bh * L + j0 + u * step] = sum[u];
+    }
+  }
+}
+
+// token_score[b, j] = inv_heads_rows * sum_h head_score[b, h, j] (heads in order) for the slots
+// j = j0, j0 + step, ... below j_end of one sample (rows of L slots); kFinHeads heads of
+// kFinBatch slots per round of loads.
+__device__ __forceinline__ void token_score_slots(const float* head_score, float* token_score,
+                                                  int H, int L, int j0, int j_end, int step,
+                                                  float inv_heads_rows) {
+  for (int j = j0; j < j_end; j += kFinBatch * step) {
+    float sum[kFinBatch];
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) sum[u] = 0.f;
+    for (int h0 = 0; h0 < H; h0 += kFinHeads) {
+      float v[kFinHeads][kFinBatch];
+#pragma unroll
+      for (int h = 0; h < kFinHeads; ++h) {
+#pragma unroll
+        for (int u = 0; u < kFinBatch; ++u) {
+          const bool in = h0 + h < H && j + u * step < j_end;
+          v[h][u] = in ? __ldcg(head_score + static_cast<int64_t>(h0 + h) * L + j + u * step) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kFinHeads; ++h) {
+#pragma unroll
+        for (int u = 0; u < kFinBatch; ++u) {
+          if (h0 + h < H) sum[u] += v[h][u];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+      if (j + u * step < j_end) token_score[j + u * step] = sum[u] * inv_heads_rows;
+    }
+  }
+}
+
+// type_mass[bh, t] = inv_rows * sum of head_score[bh, j] over the slots j of type t, eight
+// types per sweep. Called by a whole block of 256 threads; partial is shared [8 warps][8].
+__device__ __forceinline__ void type_mass_row(const float* row, const int8_t* types,
+                                              int64_t tt_stride_l, int L, int num_types,
+                                              float inv_rows, float* type_mass, float* partial) {
+  constexpr int kTypes = 8, kWarps = 256 / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int t0 = 0; t0 < num_types; t0 += kTypes) {
+    float acc[kTypes];
+#pragma unroll
+    for (int u = 0; u < kTypes; ++u) acc[u] = 0.f;
+    for (int j0 = threadIdx.x; j0 < L; j0 += 256 * kFinBatch) {
+      int t[kFinBatch];  // kFinBatch slots' loads issued before any is used
+      float v[kFinBatch];
+#pragma unroll
+      for (int b = 0; b < kFinBatch; ++b) {
+        const int j = j0 + b * 256;
+        t[b] = j < L ? static_cast<int>(types[static_cast<int64_t>(j) * tt_stride_l]) - t0 : -1;
+        v[b] = j < L ? row[j] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kFinBatch; ++b) {
+        // A select per type, not acc[t[b]]: a dynamic index would put acc in local memory.
+        const float x = t[b] >= 0 && t[b] < kTypes && t0 + t[b] < num_types ? v[b] : 0.f;
+#pragma unroll
+        for (int u = 0; u < kTypes; ++u) acc[u] += t[b] == u ? x : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTypes; ++u) {
+      float v = acc[u];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0) partial[warp * kTypes + u] = v;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < kTypes && t0 + static_cast<int>(threadIdx.x) < num_types) {
+      float sum = 0.f;
+      for (int w = 0; w < kWarps; ++w) sum += partial[w * kTypes + threadIdx.x];
+      type_mass[t0 + threadIdx.x] = sum * inv_rows;
+    }
+    __syncthreads();  // partial is rewritten by the next sweep
+  }
+}
+
+// Whether this block is the last of `total` to arrive at counter (the same answer in every
+// thread). Every thread fences its global writes first, so the last block sees all of them;
+// atomicInc wraps the counter back to zero on the last arrival, ready for the next launch.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned total, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicInc(counter, total - 1u) == total - 1u;
+  __syncthreads();
+  const bool last = *flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// The tail of the one-launch path, run by every block of (b, kv head) bh after its partials
+// and logits are written: the last of the C chunk blocks merges them into head_score and
+// type_mass of the G heads (the order of the three-launch path), then the last of the H_kv
+// such blocks of sample b writes token_score[b, :] (heads in order).
+template <typename T>
+__device__ __forceinline__ void finish_stats(const QKArgs<T>& a, int C, int bh,
+                                             const StatsFinal& fin, float* rows, float* partial,
+                                             int* flag, const float* part_max,
+                                             const float* part_sum, const float* logits) {
+  if (!last_to_arrive(fin.counters + bh, static_cast<unsigned>(C), flag)) return;
+  const int G = a.Hq / a.Hkv, hkv = bh % a.Hkv, b = bh / a.Hkv;
+  const int8_t* types = a.token_type + b * a.tt_stride_b;
+  for (int g = 0; g < G; ++g) {
+    const int64_t bhq = static_cast<int64_t>(b) * a.Hq + hkv * G + g;
+    logits_head_score_row(logits, part_max, part_sum, fin.head_score, bhq, a.Q, a.L, C, rows,
+                          rows + kStatsMaxStoredRows);
+    __syncthreads();  // the row's head_score is written
+    type_mass_row(fin.head_score + bhq * a.L, types, a.tt_stride_l, a.L, a.num_types, fin.inv_rows,
+                  fin.type_mass + bhq * a.num_types, partial);
+  }
+  if (!last_to_arrive(fin.counters + a.B * a.Hkv + b, static_cast<unsigned>(a.Hkv), flag)) return;
+  token_score_slots(fin.head_score + static_cast<int64_t>(b) * a.Hq * a.L,
+                    fin.token_score + static_cast<int64_t>(b) * a.L, a.Hq, a.L, threadIdx.x, a.L,
+                    blockDim.x, fin.inv_heads_rows);
+}
+
 // Passes 1 (kScores = false) and 2-with-recompute (kScores = true). Block = (chunk c, kv head,
 // sample). Threads form groups of plan.lanes that share one key row: each lane loads V-element
 // vectors of it and the group reduces its dot products with warp shuffles. The query rows of
 // the group (row r = g * Q + i is query head hkv * G + g, row i) go through shared memory in
 // tiles of rows_per_tile rows.
 template <typename T, int V, bool kScores>
-__global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
-    qk_kernel(const QKArgs<T> a, const StatsPlan plan,
-              float* __restrict__ part_max,    // [B, H_q, Q, C]: written (pass 1) / read (pass 2)
-              float* __restrict__ part_sum,    // [B, H_q, Q, C]
-              float* __restrict__ logits,      // [B, H_q, Q, L] or nullptr (pass 1 only)
-              float* __restrict__ head_score)  // [B, H_q, L] (pass 2 only)
+__global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm) qk_kernel(
+    const __grid_constant__ QKArgs<T> a, const StatsPlan plan,
+    float* __restrict__ part_max,            // [B, H_q, Q, C]: written (pass 1) / read (pass 2)
+    float* __restrict__ part_sum,            // [B, H_q, Q, C]
+    float* __restrict__ logits,              // [B, H_q, Q, L] or nullptr (pass 1 only)
+    float* __restrict__ head_score,          // [B, H_q, L] (pass 2 only)
+    const __grid_constant__ StatsFinal fin)  // one-launch path when fin.counters != nullptr
 {
   constexpr int RT = kStatsRowTile;
   // Keys in flight per thread: fewer where more registers are live (pass 2's running sums,
@@ -85,6 +260,9 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
   __shared__ float warp_sum[kWarps][RT];
   __shared__ float tile_max[RT];
   __shared__ float tile_inv[RT];
+  __shared__ float fin_rows[2 * kStatsMaxStoredRows];
+  __shared__ float fin_partial[kWarps * 8];
+  __shared__ int fin_last;
 
   const int C = plan.chunks;
   const int c = static_cast<int>(blockIdx.x % C);
@@ -254,36 +432,22 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
       }
     }
   }
+  if constexpr (!kScores) {
+    if (fin.counters != nullptr)
+      finish_stats(a, C, bh, fin, fin_rows, fin_partial, &fin_last, part_max, part_sum, logits);
+  }
 }
 
-// Pass 2 from kept logits. Block = (256-slot tile, b * H_q + h), one thread per slot.
+// Pass 2 from kept logits. Block = b * H_q + h, its slots in sweeps of 256.
 __global__ void __launch_bounds__(256)
     logits_head_scores_kernel(const float* __restrict__ logits,    // [B, H_q, Q, L]
                               const float* __restrict__ part_max,  // [B, H_q, Q, C]
                               const float* __restrict__ part_sum,  // [B, H_q, Q, C]
                               float* __restrict__ head_score,      // [B, H_q, L]
                               int Q, int L, int C) {
-  __shared__ float row_max[kStatsMaxStoredRows];
-  __shared__ float row_inv[kStatsMaxStoredRows];
-  const int tiles = (L + 255) / 256;
-  const int tile = static_cast<int>(blockIdx.x % tiles);
-  const int64_t bh = blockIdx.x / tiles;
-  if (static_cast<int>(threadIdx.x) < Q) {
-    const int64_t at = (bh * Q + threadIdx.x) * C;
-    float m = -INFINITY, s = 0.f;
-    for (int cc = 0; cc < C; ++cc) softmax_merge(m, s, part_max[at + cc], part_sum[at + cc]);
-    row_max[threadIdx.x] = m;
-    row_inv[threadIdx.x] = m == -INFINITY ? 0.f : 1.f / s;
-  }
-  __syncthreads();
-  const int j = tile * 256 + threadIdx.x;
-  if (j >= L) return;
-  float sum = 0.f;
-  for (int i = 0; i < Q; ++i) {
-    const float l = logits[(bh * Q + i) * L + j];
-    if (l != -INFINITY) sum += expf(l - row_max[i]) * row_inv[i];
-  }
-  head_score[bh * L + j] = sum;
+  __shared__ float rows[2 * kStatsMaxStoredRows];
+  logits_head_score_row(logits, part_max, part_sum, head_score, blockIdx.x, Q, L, C, rows,
+                        rows + kStatsMaxStoredRows);
 }
 
 // attention_stats_from_probs' first pass. Block = (256-slot tile, b * H + h).
@@ -312,7 +476,7 @@ __global__ void __launch_bounds__(256)
   head_score[bh * L + j] = sum;
 }
 
-// Pass 3. Blocks [0, score_blocks) write token_score, one thread per (b, j); the next B * H
+// Pass 3. Blocks [0, score_blocks) write token_score, kFinBatch slots per thread; the next B * H
 // blocks write type_mass[b, h, :], eight types per sweep over the slots.
 __global__ void __launch_bounds__(256)
     finalize_stats_kernel(const float* __restrict__ head_score,   // [B, H, L]
@@ -322,50 +486,19 @@ __global__ void __launch_bounds__(256)
                           float* __restrict__ type_mass,    // [B, H, num_types]
                           float* __restrict__ token_score)  // [B, L]
 {
-  constexpr int kTypes = 8, kWarps = 256 / 32;
-  __shared__ float partial[kWarps][kTypes];
+  __shared__ float partial[(256 / 32) * 8];
   if (static_cast<int>(blockIdx.x) < score_blocks) {
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-    if (idx >= static_cast<int64_t>(B) * L) return;
-    const int64_t b = idx / L, j = idx % L;
-    float sum = 0.f;
-    for (int h = 0; h < H; ++h) sum += head_score[(b * H + h) * L + j];
-    token_score[idx] = sum * inv_heads_rows;
+    // Block = (256 * kFinBatch-slot tile, sample b).
+    const int tiles = (L + 256 * kFinBatch - 1) / (256 * kFinBatch);
+    const int64_t b = blockIdx.x / tiles;
+    const int tile0 = static_cast<int>(blockIdx.x % tiles) * 256 * kFinBatch;
+    token_score_slots(head_score + b * H * L, token_score + b * L, H, L, tile0 + threadIdx.x,
+                      min(L, tile0 + 256 * kFinBatch), 256, inv_heads_rows);
     return;
   }
   const int64_t bh = blockIdx.x - score_blocks;
-  const int64_t b = bh / H;
-  const float* row = head_score + bh * L;
-  const int8_t* types = token_type + b * tt_stride_b;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int t0 = 0; t0 < num_types; t0 += kTypes) {
-    float acc[kTypes];
-#pragma unroll
-    for (int u = 0; u < kTypes; ++u) acc[u] = 0.f;
-    for (int j = threadIdx.x; j < L; j += 256) {
-      const int t = static_cast<int>(types[static_cast<int64_t>(j) * tt_stride_l]) - t0;
-      if (t >= 0 && t < kTypes && t0 + t < num_types) {
-        const float v = row[j];
-#pragma unroll
-        for (int u = 0; u < kTypes; ++u) {
-          if (t == u) acc[u] += v;
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kTypes; ++u) {
-      float v = acc[u];
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-      if (lane == 0) partial[warp][u] = v;
-    }
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < kTypes && t0 + static_cast<int>(threadIdx.x) < num_types) {
-      float sum = 0.f;
-      for (int w = 0; w < kWarps; ++w) sum += partial[w][threadIdx.x];
-      type_mass[bh * num_types + t0 + threadIdx.x] = sum * inv_rows;
-    }
-    __syncthreads();  // partial is rewritten by the next sweep
-  }
+  type_mass_row(head_score + bh * L, token_type + (bh / H) * tt_stride_b, tt_stride_l, L, num_types,
+                inv_rows, type_mass + bh * num_types, partial);
 }
 
 }  // namespace detail
@@ -451,7 +584,8 @@ namespace detail {
 
 template <typename T, bool kScores>
 cudaError_t launch_qk(const QKArgs<T>& a, const StatsPlan& plan, float* part_max, float* part_sum,
-                      float* logits, float* head_score, cudaStream_t stream) {
+                      float* logits, float* head_score, const StatsFinal& fin,
+                      cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(plan.chunks) * a.Hkv * a.B;
   if (blocks == 0 || a.Q == 0 || a.L == 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
@@ -459,10 +593,10 @@ cudaError_t launch_qk(const QKArgs<T>& a, const StatsPlan& plan, float* part_max
   constexpr int kVec = vec16<T>();
   if (plan.vec == kVec) {
     qk_kernel<T, kVec, kScores><<<static_cast<unsigned>(blocks), kStatsThreads, smem, stream>>>(
-        a, plan, part_max, part_sum, logits, head_score);
+        a, plan, part_max, part_sum, logits, head_score, fin);
   } else {
     qk_kernel<T, 1, kScores><<<static_cast<unsigned>(blocks), kStatsThreads, smem, stream>>>(
-        a, plan, part_max, part_sum, logits, head_score);
+        a, plan, part_max, part_sum, logits, head_score, fin);
   }
   return cudaGetLastError();
 }
@@ -471,9 +605,15 @@ cudaError_t launch_qk(const QKArgs<T>& a, const StatsPlan& plan, float* part_max
 
 template <typename T>
 cudaError_t launch_qk_partials(const QKArgs<T>& a, const StatsPlan& plan, float* part_max,
-                               float* part_sum, float* logits, cudaStream_t stream) {
+                               float* part_sum, float* logits, const StatsFinal* fin,
+                               cudaStream_t stream) {
+  if (fin != nullptr && (!plan.store_logits || fin->counters == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const StatsFinal none{};
   return detail::launch_qk<T, false>(a, plan, part_max, part_sum,
-                                     plan.store_logits ? logits : nullptr, nullptr, stream);
+                                     plan.store_logits ? logits : nullptr, nullptr,
+                                     fin != nullptr ? *fin : none, stream);
 }
 
 template <typename T>
@@ -481,15 +621,16 @@ cudaError_t launch_qk_head_scores(const QKArgs<T>& a, const StatsPlan& plan, con
                                   const float* part_sum, float* head_score, cudaStream_t stream) {
   // The kernel only reads the partials in this pass.
   return detail::launch_qk<T, true>(a, plan, const_cast<float*>(part_max),
-                                    const_cast<float*>(part_sum), nullptr, head_score, stream);
+                                    const_cast<float*>(part_sum), nullptr, head_score, StatsFinal{},
+                                    stream);
 }
 
 cudaError_t launch_logits_head_scores(const float* logits, const float* part_max,
                                       const float* part_sum, float* head_score, int B, int Hq,
                                       int Q, int L, int chunks, cudaStream_t stream) {
   if (Q > kStatsMaxStoredRows) return cudaErrorInvalidValue;
-  const int64_t blocks = static_cast<int64_t>(B) * Hq * ((L + 255) / 256);
-  if (blocks == 0 || Q == 0) return cudaSuccess;
+  const int64_t blocks = static_cast<int64_t>(B) * Hq;
+  if (blocks == 0 || Q == 0 || L == 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   detail::logits_head_scores_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
       logits, part_max, part_sum, head_score, Q, L, chunks);
@@ -514,7 +655,8 @@ cudaError_t launch_finalize_stats(const float* head_score, const int8_t* token_t
                                   int64_t tt_stride_b, int64_t tt_stride_l, int B, int H, int L,
                                   int num_types, float inv_rows, float inv_heads_rows,
                                   float* type_mass, float* token_score, cudaStream_t stream) {
-  const int64_t score_blocks = (static_cast<int64_t>(B) * L + 255) / 256;
+  const int64_t score_blocks =
+      static_cast<int64_t>(B) * ((L + 256 * detail::kFinBatch - 1) / (256 * detail::kFinBatch));
   const int64_t blocks = score_blocks + static_cast<int64_t>(B) * H;
   if (blocks == 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;

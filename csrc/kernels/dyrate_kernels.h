@@ -79,15 +79,29 @@ StatsPlan plan_attention_stats(int B, int Hq, int Hkv, int Q, int L, int D, int 
 // legal during CUDA-graph capture). elem_size 2 stands for both 16-bit types.
 int stats_blocks_per_sm(int elem_size, int D, bool aligned16);
 
+// The one-launch path of attention_stats (plan.store_logits): where pass 1 also finishes the
+// call. counters [B * H_kv + B] must be zero before the first launch; the last block to arrive
+// leaves each counter at zero again, so the buffer serves the next launch on the stream.
+struct StatsFinal {
+  unsigned* counters;              // [B * H_kv] per (sample, kv head), then [B] per sample
+  float* head_score;               // [B, H_q, L] scratch
+  float* type_mass;                // [B, H_q, num_types]
+  float* token_score;              // [B, L]
+  float inv_rows, inv_heads_rows;  // 1 / Q, 1 / (H_q * Q)
+};
+
 // Pass 1, grid (C, B, H_kv): per query row and key chunk, the softmax partials (max, sum of
 // exp) over the allowed slots of the chunk; with plan.store_logits also every logit (-inf
-// where not allowed).
+// where not allowed). With fin (only when plan.store_logits), the last chunk block of each
+// (sample, kv head) then merges the partials in chunk order into head_score and type_mass of
+// its heads, and the last of those per sample writes token_score: the whole call in one launch,
+// with the sums of the three-launch path in the same order.
 template <typename T>
 cudaError_t launch_qk_partials(const QKArgs<T>& a, const StatsPlan& plan,
                                float* part_max,  // [B, H_q, Q, C]
                                float* part_sum,  // [B, H_q, Q, C]
                                float* logits,    // [B, H_q, Q, L], or nullptr
-                               cudaStream_t stream);
+                               const StatsFinal* fin, cudaStream_t stream);
 
 // Pass 2 when logits were not kept, grid (C, B, H_kv): recomputes q.k, normalises with the
 // combined partials and adds each head's probabilities over its query rows. head_score must

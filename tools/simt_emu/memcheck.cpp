@@ -6,8 +6,12 @@
 // same launch is reported as an error. Stacks of the emulated threads and shared memory
 // (per block by construction) are exempt from the cross-block check. This file itself is not
 // instrumented.
+#include <algorithm>
 #include <cstdio>
+#include <map>
+#include <set>
 #include <unordered_map>
+#include <utility>
 
 #include "simt.h"
 
@@ -16,10 +20,12 @@ namespace {
 
 constexpr int32_t kNobody = -1, kSeveral = -2;
 
-// Who wrote and who read each of 16 consecutive bytes during the current launch.
+// Who wrote and who read each of 16 consecutive bytes during the current launch, and the
+// writer's release generation at the time of the write.
 struct Granule {
   int32_t writer[16];
   int32_t reader[16];
+  int32_t generation[16];
   Granule() {
     for (int i = 0; i < 16; ++i) writer[i] = reader[i] = kNobody;
   }
@@ -28,6 +34,30 @@ struct Granule {
 std::unordered_map<uintptr_t, Granule>& granules() {
   static std::unordered_map<uintptr_t, Granule> map;
   return map;
+}
+
+// The handshake state of the current launch. A block's generation counts its releases: its
+// writes of generation g are published by release g + 1 (an atomic reached with every thread's
+// writes fenced). Acquiring through a counter learns every release made on it so far.
+struct Handshakes {
+  std::set<std::pair<int32_t, unsigned>> unfenced;           // (block, thread) with unfenced writes
+  std::map<int32_t, int32_t> generation;                     // block -> releases so far
+  std::map<uintptr_t, std::map<int32_t, int32_t>> released;  // counter -> block -> generations
+  std::map<int32_t, std::map<int32_t, int32_t>> acquired;    // block -> writer -> generations
+};
+
+Handshakes& handshakes() {
+  static Handshakes h;
+  return h;
+}
+
+// Whether block `me` acquired the write of `writer` made at generation `gen`.
+bool ordered(int32_t me, int32_t writer, int32_t gen) {
+  const auto& acq = handshakes().acquired;
+  const auto mine = acq.find(me);
+  if (mine == acq.end()) return false;
+  const auto it = mine->second.find(writer);
+  return it != mine->second.end() && gen < it->second;
 }
 
 std::string hex(uintptr_t a) {
@@ -52,7 +82,7 @@ void record(uintptr_t addr, int size, bool write) {
     const int k = static_cast<int>(a & 15);
     int32_t& w = g.writer[k];
     int32_t& r = g.reader[k];
-    if (w != kNobody && w != me) {
+    if (w != kNobody && w != me && !ordered(me, w, g.generation[k])) {
       conflict(a, w, "written", me, write ? "also written" : "read");
       return;
     }
@@ -67,6 +97,7 @@ void record(uintptr_t addr, int size, bool write) {
         return;
       }
       w = me;
+      g.generation[k] = handshakes().generation[me];
     } else {
       r = (r == kNobody || r == me) ? me : kSeveral;
     }
@@ -86,7 +117,10 @@ void access(const void* p, int size, bool write, bool aligned) {
          "pointer, strides and offsets aligned to its width)");
   }
   const bool shared = addr >= t.smem_lo && addr < t.smem_hi;
-  if (t.write_set && !shared) record(addr, size, write);
+  if (t.write_set && !shared) {
+    if (write) handshakes().unfenced.insert({static_cast<int32_t>(t.block), st().cur_thread});
+    record(addr, size, write);
+  }
   t.in_hook = false;
 }
 
@@ -99,7 +133,38 @@ std::string block_name(int64_t linear) {
   return "(" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) + ")";
 }
 
-void reset_accesses() { granules().clear(); }
+void reset_accesses() {
+  granules().clear();
+  handshakes() = Handshakes{};
+}
+
+void fence() {
+  const Tracker& t = g_tracker;
+  if (t.active) handshakes().unfenced.erase({static_cast<int32_t>(t.block), st().cur_thread});
+}
+
+// An atomic of `size` bytes at p by the running thread: aligned, never a race itself; a release
+// by its block when no thread of the block has unfenced writes, then an acquire of every
+// earlier release on p.
+void atomic_sync(const void* p, int size) {
+  Tracker& t = g_tracker;
+  if (!t.active || t.in_hook) return;
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  if (t.align && addr % static_cast<uintptr_t>(size) != 0) {
+    fail("misaligned " + std::to_string(size) + "-byte atomic at " + hex(addr));
+  }
+  if (!t.write_set || (addr >= t.smem_lo && addr < t.smem_hi)) return;
+  Handshakes& h = handshakes();
+  const int32_t me = static_cast<int32_t>(t.block);
+  const auto dirty = h.unfenced.lower_bound({me, 0u});
+  const bool fenced = dirty == h.unfenced.end() || dirty->first != me;
+  std::map<int32_t, int32_t>& on_counter = h.released[addr];
+  if (fenced) on_counter[me] = ++h.generation[me];
+  std::map<int32_t, int32_t>& mine = h.acquired[me];
+  for (const auto& [block, gen] : on_counter) {
+    if (block != me) mine[block] = std::max(mine[block], gen);
+  }
+}
 
 }  // namespace emu
 

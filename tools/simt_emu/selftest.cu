@@ -48,6 +48,26 @@ __global__ void ordered_blocks(int* out) {
   }
 }
 
+// "Last block done": block b writes out[1 + b]; the last block to arrive at the counter
+// out[0] writes their sum to out[1 + gridDim.x]. mode 0 is the correct handshake; mode 1
+// drops the __threadfence, mode 2 picks the last block by index instead of the counter.
+__global__ void last_block_sum(unsigned* out, int mode) {
+  __shared__ int last;
+  if (threadIdx.x == 0) out[1 + blockIdx.x] = 10u + blockIdx.x;
+  if (mode != 1) __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned arrived = atomicInc(out, gridDim.x - 1u);
+    last = mode == 2 ? blockIdx.x == gridDim.x - 1u : arrived == gridDim.x - 1u;
+  }
+  __syncthreads();
+  if (!last || threadIdx.x != 0) return;
+  __threadfence();
+  unsigned sum = 0;
+  for (unsigned b = 0; b < gridDim.x; ++b) sum += __ldcg(out + 1 + b);
+  out[1 + gridDim.x] = sum;
+}
+
 // Runs the named kernel; returns the launch error.
 int run(const std::string& name, void* out, const void* in, int arg) {
   int* iout = static_cast<int*>(out);
@@ -64,6 +84,8 @@ int run(const std::string& name, void* out, const void* in, int arg) {
     big_shared<<<1, 32, static_cast<size_t>(bytes), nullptr>>>(fout);
   } else if (name == "overlapping_writes") {
     overlapping_writes<<<arg, 32, 0, nullptr>>>(iout);
+  } else if (name == "last_block_sum") {
+    last_block_sum<<<8, 32, 0, nullptr>>>(static_cast<unsigned*>(out), arg);
   } else if (name == "ordered_blocks") {
     ordered_blocks<<<2, 32, 0, nullptr>>>(iout);
   } else {

@@ -16,7 +16,10 @@
 //     unless the kernel opted in with cudaFuncSetAttribute;
 //   - every load and store of N = 2..16 bytes must be N-byte aligned, as on the device;
 //   - within one launch, a byte written by one block and read or written by another is an
-//     error (a race on a GPU, whatever the emulated order).
+//     error (a race on a GPU, whatever the emulated order), unless a handshake orders the two:
+//     every thread of the writing block ran __threadfence after its writes, then the block did
+//     an atomic on a counter, and the other block's atomic on that counter came later (the
+//     "last block done" pattern). Acquired order is not transitive.
 //
 // Not emulated: the memory model beyond barriers, timing. A testing aid, not a simulator.
 #pragma once
@@ -44,6 +47,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __grid_constant__
 #define __launch_bounds__(...)
 // __shared__ declarations are rewritten by build.py into per-block storage (scheduler.h); one
@@ -71,6 +75,7 @@ struct alignas(16) uint4 {
 
 using cudaError_t = int;
 using cudaStream_t = void*;
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
@@ -162,6 +167,12 @@ EMU_NOSAN inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* 
   *blocks = emu::st().blocks_per_sm;
   return cudaSuccess;
 }
+// Whether a graph is being captured: a setting of the emulator (set_capturing), which never
+// records a graph; it lets tests take the paths the glue chooses under capture.
+EMU_NOSAN inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = emu::st().capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
 EMU_NOSAN inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   *value = emu::st().sm_count;
   return cudaSuccess;
@@ -228,6 +239,25 @@ inline int atomicMin(int* p, int v) {
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+// Global atomics and fences take part in the write-set check (memcheck.cpp): an atomic is never
+// a race, and a fence followed by an atomic on a counter orders the block's earlier writes
+// before the accesses of every block whose atomic on that counter comes later.
+namespace emu {
+void fence();
+void atomic_sync(const void* p, int size);
+}  // namespace emu
+EMU_NOSAN inline void __threadfence() { emu::fence(); }
+EMU_NOSAN inline unsigned atomicInc(unsigned* p, unsigned limit) {
+  emu::atomic_sync(p, 4);
+  const unsigned old = *p;
+  *p = old >= limit ? 0u : old + 1u;
+  return old;
 }
 
 using std::isnan;
