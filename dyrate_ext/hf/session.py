@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..llava import Trace, prompt_token_type
+from ..llava.cache import present_prompt_slots
 from ..policies import NoPrune, Policy, StepStats
 from ..token_types import TokenType
 from ._compat import decoder_layers, family_of, media_token_ids, text_config
@@ -308,10 +309,8 @@ class PruningSession:
         )
         counts = None
         if decision is not None:
-            check = getattr(decision, "check", None)
-            if check is not None:
-                check(self.policy, kept.shape[0])
-            counts = torch.minimum(decision.keep_count.to(kept.device).clamp(min=0), kept)
+            decision.check(self.policy, kept.shape[0])
+            counts = torch.minimum(decision.keep_count.to(kept.device), kept)
             self._rate = decision.rate.detach()
         if cache.step == 0:
             self._plan = (score, kept if counts is None else counts)
@@ -323,12 +322,7 @@ class PruningSession:
     def _mark_removed(self, cache: PruningCache) -> None:
         pruned = cache.pruned
         assert pruned is not None and pruned.origin is not None
-        origin = pruned.origin
-        prompt = self.types.shape[1]
-        ok = (origin >= 0) & (origin < prompt)
-        rows = torch.arange(origin.shape[0], device=origin.device)[:, None].expand_as(origin)
-        now = torch.zeros_like(self._present)
-        now[rows[ok], origin[ok]] = True
+        now = present_prompt_slots(pruned.origin, self.types.shape[1])
         self._removed[self._present & ~now] = cache.step
         self._present = now
         self._kept = cache.kept_image()

@@ -146,3 +146,13 @@ def append_response_slot(group: LayerGroup, origin: int) -> None:
         [group.token_type, group.token_type.new_full((batch, 1), TokenType.RESPONSE)], dim=1
     )
     group.origin = torch.cat([group.origin, group.origin.new_full((batch, 1), origin)], dim=1)
+
+
+def present_prompt_slots(origin: Tensor, prompt_len: int) -> Tensor:
+    """bool [B, prompt_len]: the prompt slots a pruned group still holds, from its `origin`
+    (int64 [B, L], the full-layout slot of each held slot, -1 empty)."""
+    ok = (origin >= 0) & (origin < prompt_len)
+    rows = torch.arange(origin.shape[0], device=origin.device)[:, None].expand_as(origin)
+    present = torch.zeros(origin.shape[0], prompt_len, dtype=torch.bool, device=origin.device)
+    present[rows[ok], origin[ok]] = True
+    return present

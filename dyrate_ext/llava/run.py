@@ -14,7 +14,7 @@ from .. import ops
 from ..policies import Policy, StepStats
 from ..prune import prune_kv
 from ..token_types import TokenType
-from .cache import DecoderCache, Trace, append_response_slot, new_group
+from .cache import DecoderCache, Trace, append_response_slot, new_group, present_prompt_slots
 from .decoder import Decoder
 
 __all__ = ["Generation"]
@@ -95,11 +95,7 @@ class Generation:
         """Update kept counts and removed_step from the pruned group's origins."""
         pruned = self.cache.pruned
         assert pruned is not None
-        origin = pruned.origin
-        ok = (origin >= 0) & (origin < self.prompt_len)
-        rows = torch.arange(origin.shape[0], device=self.device)[:, None].expand_as(origin)
-        now = torch.zeros_like(self.in_pruned)
-        now[rows[ok], origin[ok]] = True
+        now = present_prompt_slots(pruned.origin, self.prompt_len)
         self.removed_step[self.in_pruned & ~now] = self.step_index
         self.in_pruned = now
         self.kept = (pruned.token_type == TokenType.IMAGE).sum(dim=1)
