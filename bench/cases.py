@@ -71,18 +71,6 @@ def make_case(
     )
 
 
-_cache: dict[tuple[int, torch.dtype], Case] = {}
-
-
-def get_case(batch: int, dtype: torch.dtype) -> Case:
-    """A CPU case, reused across benchmarks; building another frees the previous one first."""
-    key = (batch, dtype)
-    if key not in _cache:
-        _cache.clear()
-        _cache[key] = make_case(batch, dtype)
-    return _cache[key]
-
-
 def make_long_case(batch: int, length: int, dtype: torch.dtype, device: str = "cpu"):
     """(q, k, types, scale) for attention_stats on a long cache: image slots in the middle."""
     image = length * 7 // 8
