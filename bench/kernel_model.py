@@ -16,8 +16,9 @@ For each kernel launch of attention_stats, select_keep and compact_ at the LLaVA
   bandwidth * latency bytes in flight (--latency-ns, default 600), else scales down; a last
   partial wave runs with only its own blocks' loads in flight; each launch adds a fixed cost
   (--launch-us, default 1.0: ramp-up, drain and the gap between dependent launches); a
-  last-block merge inside a launch adds its serial tail (stats_tail). Not
-  modelled: instruction issue (far from the limit at Q = 1), L2 hits, DRAM page effects.
+  launch whose blocks must wait for loads before they can stream (the merge of
+  attention_stats) adds those latencies (tail_s). Not modelled: instruction issue (far from
+  the limit at Q = 1), L2 hits, DRAM page effects.
 The estimate is a model, not a measurement: bench/gpu_check.sh compares it with measured GB/s
 (--compare) the day a GPU runs the benchmark.
 
@@ -48,9 +49,11 @@ SMEM_RESERVED = 1024  # per block, reserved by the system
 PRUNED_LAYERS = LLAVA_7B.layers - 1
 SHAPES = [(1, 650), (8, 650), (32, 650), (8, 4096)]  # (B, L)
 ELEM = 2  # fp16 / bf16: the same bytes and the same SASS shape
-FIN_BATCH, FIN_HEADS = 4, 8  # kFinBatch, kFinHeads of csrc/kernels/attention_stats.cuh
-STATS_KERNEL = "attention_stats: q.k pass + last-block merge"
-STATS_TOTAL = "attention_stats (1 launch)"
+# kFinHeads, kTokSlots and kMergeBatch of csrc/kernels/stats_merge.cuh
+FIN_HEADS, TOK_SLOTS, MERGE_BATCH = 8, 64, 12
+STATS_KERNEL = "attention_stats: q.k pass"
+STATS_MERGE = "attention_stats: merge"
+STATS_TOTAL = "attention_stats (2 launches)"
 
 
 @dataclass
@@ -113,8 +116,7 @@ class Launch:
     nbytes: int
     load_bytes: int  # bytes per load instruction of one thread
     in_flight: int  # independent loads per thread
-    tail_bytes: int = 0  # moved after the grid's last wave (a last-block merge), not streamed
-    tail_s: float = 0.0  # time of that serial tail
+    tail_s: float = 0.0  # dependent load latencies before the launch can stream
 
 
 def estimate(x: Launch, sms: int, bw: float, latency: float, launch: float) -> dict[str, object]:
@@ -131,11 +133,11 @@ def estimate(x: Launch, sms: int, bw: float, latency: float, launch: float) -> d
     per_block = x.nbytes / x.blocks
     t = full * wave * per_block / rate(wave) + (last * per_block / rate(last) if last else 0.0)
     t += launch + x.tail_s
-    roof = (x.nbytes + x.tail_bytes) / bw
+    roof = x.nbytes / bw
     return {
         "kernel": x.kernel,
         "blocks": x.blocks,
-        "MB": round((x.nbytes + x.tail_bytes) / 1e6, 2),
+        "MB": round(x.nbytes / 1e6, 2),
         "roofline us": round(roof * 1e6, 2),
         "regs": x.facts.regs,
         "spill B": x.facts.spill,
@@ -148,28 +150,13 @@ def estimate(x: Launch, sms: int, bw: float, latency: float, launch: float) -> d
     }
 
 
-def stats_tail(b: int, length: int, chunks: int, latency: float) -> tuple[int, float]:
-    """Bytes and time of attention_stats' last-block merge at Q = 1 (csrc/kernels/
-    attention_stats.cuh, StatsFinal), which runs after the q.k pass's last block:
-    - two handshakes (fence, then an atomic round trip), 2 load latencies each;
-    - the last block of each kv head (one per (b, kv head), in parallel): merge its C partials
-      and its row of logits into head_score, then type_mass; 256 threads with FIN_BATCH
-      independent 4-byte loads each;
-    - the last of those per sample: token_score from the H rows of head_score, FIN_BATCH *
-      FIN_HEADS independent loads per thread."""
-    h, hkv = LLAVA_7B.heads, LLAVA_7B.kv_heads
-    g, q = h // hkv, 1
-    per_kv = g * (2 * q * chunks * 4 + q * length * 4 + length * 4 + length * 4 + length)
-    per_sample = h * length * 4 + length * 4
-    block_rate = 256 * 4 / latency  # bytes/s of one block with one 4-byte load per thread
-    t = 4 * latency + per_kv / (block_rate * FIN_BATCH)
-    t += per_sample / (block_rate * FIN_BATCH * FIN_HEADS)
-    return b * hkv * per_kv + b * per_sample + b * h * 16, t
-
-
 def stats_launches(b: int, length: int, facts, plan_fn, sms: int, latency: float) -> list[Launch]:
-    """attention_stats at Q = 1 (the kept-logits path): one launch, the q.k pass streaming the
-    keys, then the last-block merge (stats_tail)."""
+    """attention_stats at Q = 1 (the kept-logits path): the q.k pass streaming the keys (its
+    partials and logits are counted as HBM bytes, though they may stay in L2 for the next
+    launch), then the merge (logits_stats_kernel): blocks per (64-slot tile, sample) and per
+    (sample, head), each merging its rows' chunk partials (one round of MERGE_BATCH loads per
+    thread) before it normalises the logits (FIN_HEADS loads in flight per thread): a serial
+    part of ceil(C / MERGE_BATCH) + 1 load latencies."""
     h, d, q = LLAVA_7B.heads, LLAVA_7B.head_dim, 1
     qk = find(facts, "qk_kernelI6__halfLi8ELb0E")
     per_sm = blocks_per_sm(qk, 256, 4 * d * 4)
@@ -178,12 +165,18 @@ def stats_launches(b: int, length: int, facts, plan_fn, sms: int, latency: float
     logits = b * h * q * length * 4
     k_bytes = b * LLAVA_7B.kv_heads * length * d * ELEM
     part = 2 * b * h * q * chunks * 4
-    tail_bytes, tail_s = stats_tail(b, length, chunks, latency)
+    merge_blocks = b * math.ceil(length / TOK_SLOTS) + b * h
+    merge_bytes = logits + part + b * length + b * length * 4 + b * h * 4 * 4
+    rounds = math.ceil(chunks / MERGE_BATCH) + 1
     return [
         Launch(
             STATS_KERNEL, chunks * LLAVA_7B.kv_heads * b, 256, qk,
             int(p["rows_per_tile"]) * d * 4, k_bytes + b * h * q * d * ELEM + b * length
-            + logits + part, 16, 4, tail_bytes, tail_s,
+            + logits + part, 16, 4,
+        ),
+        Launch(
+            STATS_MERGE, merge_blocks, 256, find(facts, "logits_stats_kernel"), 0, merge_bytes, 4,
+            FIN_HEADS, tail_s=rounds * latency,
         ),
     ]  # fmt: skip
 

@@ -89,23 +89,34 @@ def test_attention_stats_bitwise_deterministic(emu, shape, gen):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_attention_stats_one_launch_equals_three(emu, gen):
-    """Q <= 8 runs as one launch whose last blocks merge (a fence + atomic-counter handshake);
-    under graph capture with a counter buffer too small for the batch the glue takes the
-    three-launch path instead. Both give the same bits, in any block order, and the counters
-    are left at zero: a second one-launch call, after the three-launch one, agrees too."""
-    shape = (64, 6, 2, 3, 45, 16, True)  # a batch larger than any earlier call's
-    q, k, types, scale, causal = stats_case(shape, torch.float16, gen)
-    emu.set_capturing(True)
+def test_attention_stats_long_chunk_restages_types(emu, gen):
+    """One SM and one block per SM: a chunk holds the whole key sequence, 4500 slots, so the
+    q.k kernel stages the chunk's token types in shared memory three times (kStatsTypeTile =
+    2048 slots at a time); Q = 1 merges from kept logits, Q = 9 recomputes q.k."""
+    emu.set_sm_count(1)
+    emu.set_blocks_per_sm(1)
     try:
-        three = emu.attention_stats(q, k, types, scale, 4, causal)
+        plan = emu.plan_attention_stats(1, 2, 1, 1, 4500, 16, 2, True, 1, 1)
+        assert plan["chunks"] == 1 and plan["chunk_len"] >= 4500
+        for qn in (1, 9):
+            q, k, types, scale, causal = stats_case((1, 2, 1, qn, 4500, 16, True), torch.half, gen)
+            types[0, 2040:2060] = 2  # a run of another type across the first tile border
+            check_attention_stats(Backend("emulated", emu), q, k, types, scale, causal)
     finally:
-        emu.set_capturing(False)
-    for seed in (2, 3):
-        emu.set_seed(seed)
-        one = emu.attention_stats(q, k, types, scale, 4, causal)
-        assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+        emu.set_blocks_per_sm(3)
+
+
+@pytest.mark.parametrize("hq, hkv, qn", [(40, 8, 8), (37, 37, 1), (3, 1, 8)])
+def test_attention_stats_merge_head_batches(emu, hq, hkv, qn, gen):
+    """The merge of kept logits takes the rows of 256 / Q heads at a time and splits each
+    batch's heads over four threads per slot: H_q * Q past 256 rows (two batches), a head count
+    that does not split evenly, and fewer heads than threads per slot."""
+    q, k, types, scale, causal = stats_case((2, hq, hkv, qn, 70, 8, True), torch.float32, gen)
     check_attention_stats(Backend("emulated", emu), q, k, types, scale, causal)
+    first = emu.attention_stats(q, k, types, scale, 4, causal)
+    emu.set_seed(5)
+    again = emu.attention_stats(q, k, types, scale, 4, causal)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def test_select_keep_32k(emu, gen):

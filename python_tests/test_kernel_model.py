@@ -46,8 +46,11 @@ def test_model_of_this_source(emu_module):
         assert 0 < float(r["% roofline"]) <= 100
         assert float(r["est us"]) >= float(r["roofline us"])
     qk = [r for r in rows if r["kernel"] == km.STATS_KERNEL]
-    assert len(qk) == len(km.SHAPES)  # one launch per attention_stats call
+    merge = [r for r in rows if r["kernel"] == km.STATS_MERGE]
+    assert len(qk) == len(merge) == len(km.SHAPES)  # two launches per attention_stats call
     assert all(r["blocks/SM"] >= 3 and r["in flight/SM KiB"] >= 32 for r in qk)
+    totals = {r["shape"]: float(r["% roofline"]) for r in rows if r["kernel"] == km.STATS_TOTAL}
+    assert all(totals[f"B={b} L={n}"] >= 75 for b, n in km.SHAPES if b >= 8), totals
     text = km.markdown(rows, 3.35e12, 132, 600e-9, 1e-6)
     assert text.count("\n|") == len(rows) + 2  # header, rule, rows
 

@@ -10,7 +10,7 @@ namespace kernels {
 
 #define DYRATE_INSTANTIATE_QK(T)                                                                  \
   template cudaError_t launch_qk_partials<T>(const QKArgs<T>&, const StatsPlan&, float*, float*,  \
-                                             float*, const StatsFinal*, cudaStream_t);            \
+                                             float*, cudaStream_t);                               \
   template cudaError_t launch_qk_head_scores<T>(const QKArgs<T>&, const StatsPlan&, const float*, \
                                                 const float*, float*, cudaStream_t);
 

@@ -20,10 +20,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -105,27 +102,6 @@ void finalize_stats(const at::Tensor& head_score, const at::Tensor& token_type, 
       type_mass.data_ptr<float>(), token_score.data_ptr<float>(), stream));
 }
 
-// Counters of attention_stats' one-launch path (K::StatsFinal), per (device, stream): zero
-// between launches, since the last block to arrive resets each one. Grown (zero-filled on the
-// stream, no host sync) only outside graph capture; a buffer is never freed, because a
-// captured graph keeps its pointer. nullptr: too small while capturing (the caller then takes
-// the three-launch path). Launches on one stream are ordered, so they share its counters; a
-// graph must not be replayed concurrently with work on the stream it was captured on.
-unsigned* stats_counters(const at::Tensor& like, int64_t n, cudaStream_t stream) {
-  static std::mutex mutex;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, std::vector<at::Tensor>>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  std::vector<at::Tensor>& held = (*buffers)[{static_cast<int>(like.get_device()), stream}];
-  if (held.empty() || held.back().numel() < n) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) return nullptr;
-    const int64_t size = held.empty() ? n : std::max(n, 2 * held.back().numel());
-    held.push_back(at::zeros({size}, like.options().dtype(at::kInt)));
-  }
-  return reinterpret_cast<unsigned*>(held.back().data_ptr<int32_t>());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -151,27 +127,16 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_max = at::empty({d.B, d.Hq, d.Q, plan.chunks}, f32);
   at::Tensor part_sum = at::empty({d.B, d.Hq, d.Q, plan.chunks}, f32);
-  at::Tensor logits;
-  at::Tensor head_score;
+  at::Tensor logits;      // Q <= kStatsMaxStoredRows: kept between the passes
+  at::Tensor head_score;  // else: pass 2 adds into it
   if (plan.store_logits) {
     logits = at::empty({d.B, d.Hq, d.Q, d.L}, f32);
-    head_score = at::empty({d.B, d.Hq, d.L}, f32);
   } else {
-    head_score = at::zeros({d.B, d.Hq, d.L}, f32);  // pass 2 adds into it
+    head_score = at::zeros({d.B, d.Hq, d.L}, f32);
   }
   at::Tensor type_mass = at::empty({d.B, d.Hq, num_types}, f32);
   at::Tensor token_score = at::empty({d.B, d.L}, f32);
   const cudaStream_t stream = current_stream();
-  // Q <= kStatsMaxStoredRows: one launch does the whole call (see K::StatsFinal).
-  K::StatsFinal fin{};
-  if (plan.store_logits) {
-    fin.counters = stats_counters(q, d.B * d.Hkv + d.B, stream);
-    fin.head_score = head_score.data_ptr<float>();
-    fin.type_mass = type_mass.data_ptr<float>();
-    fin.token_score = token_score.data_ptr<float>();
-    fin.inv_rows = 1.f / static_cast<float>(d.Q);
-    fin.inv_heads_rows = 1.f / static_cast<float>(d.Hq * d.Q);
-  }
 
   auto launch = [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -197,20 +162,15 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
     a.num_types = static_cast<int>(num_types);
     a.scale = static_cast<float>(scale);
     a.causal = causal;
-    if (fin.counters != nullptr) {
-      C10_CUDA_CHECK(K::launch_qk_partials<T>(a, plan, part_max.data_ptr<float>(),
-                                              part_sum.data_ptr<float>(), logits.data_ptr<float>(),
-                                              &fin, stream));
-      return;
-    }
-    C10_CUDA_CHECK(K::launch_qk_partials<T>(
-        a, plan, part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
-        plan.store_logits ? logits.data_ptr<float>() : nullptr, nullptr, stream));
+    C10_CUDA_CHECK(
+        K::launch_qk_partials<T>(a, plan, part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
+                                 plan.store_logits ? logits.data_ptr<float>() : nullptr, stream));
     if (plan.store_logits) {
-      C10_CUDA_CHECK(K::launch_logits_head_scores(
+      C10_CUDA_CHECK(K::launch_logits_stats(
           logits.const_data_ptr<float>(), part_max.const_data_ptr<float>(),
-          part_sum.const_data_ptr<float>(), head_score.data_ptr<float>(), a.B, a.Hq, a.Q, a.L,
-          plan.chunks, stream));
+          part_sum.const_data_ptr<float>(), a.token_type, a.tt_stride_b, a.tt_stride_l, a.B, a.Hq,
+          a.Q, a.L, plan.chunks, a.num_types, type_mass.data_ptr<float>(),
+          token_score.data_ptr<float>(), stream));
     } else {
       C10_CUDA_CHECK(K::launch_qk_head_scores<T>(a, plan, part_max.const_data_ptr<float>(),
                                                  part_sum.const_data_ptr<float>(),
@@ -230,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
     default:
       TORCH_CHECK(false, "attention_stats: unsupported dtype ", q.scalar_type());
   }
-  if (fin.counters == nullptr) {
+  if (!plan.store_logits) {
     finalize_stats(head_score, token_type, d.B, d.Hq, d.Q, d.L, num_types, type_mass, token_score,
                    stream);
   }

@@ -64,8 +64,14 @@ constexpr double kStatsWaveFill = 0.85;
 constexpr int kStatsMaxChunks = 256;
 // Largest Q whose logits [B, H_q, Q, L] are kept between the passes (scratch <= 8 B H_q L).
 constexpr int kStatsMaxStoredRows = 8;
+// Token types of a chunk are staged in shared memory this many slots at a time; a multiple of
+// every batch of key rows (kStatsKeysInFlight rounds of at most kStatsThreads rows).
+constexpr int kStatsTypeTile = 2048;
+static_assert(kStatsTypeTile % (kStatsKeysInFlight * kStatsThreads) == 0,
+              "a batch of key rows must not straddle two type tiles");
 // Dynamic shared memory for the query tile (rows_per_tile * D floats): 44 KiB, leaving room for
-// the kernel's static shared memory under the 48 KiB a launch may use without opting in. It
+// the kernel's static shared memory (the type tile and the reductions, about 2.3 KiB) under the
+// 48 KiB a launch may use without opting in. It
 // also bounds the head dim D the CUDA attention_stats accepts.
 constexpr int kStatsMaxTileFloats = 11264;
 
@@ -79,29 +85,15 @@ StatsPlan plan_attention_stats(int B, int Hq, int Hkv, int Q, int L, int D, int 
 // legal during CUDA-graph capture). elem_size 2 stands for both 16-bit types.
 int stats_blocks_per_sm(int elem_size, int D, bool aligned16);
 
-// The one-launch path of attention_stats (plan.store_logits): where pass 1 also finishes the
-// call. counters [B * H_kv + B] must be zero before the first launch; the last block to arrive
-// leaves each counter at zero again, so the buffer serves the next launch on the stream.
-struct StatsFinal {
-  unsigned* counters;              // [B * H_kv] per (sample, kv head), then [B] per sample
-  float* head_score;               // [B, H_q, L] scratch
-  float* type_mass;                // [B, H_q, num_types]
-  float* token_score;              // [B, L]
-  float inv_rows, inv_heads_rows;  // 1 / Q, 1 / (H_q * Q)
-};
-
 // Pass 1, grid (C, B, H_kv): per query row and key chunk, the softmax partials (max, sum of
 // exp) over the allowed slots of the chunk; with plan.store_logits also every logit (-inf
-// where not allowed). With fin (only when plan.store_logits), the last chunk block of each
-// (sample, kv head) then merges the partials in chunk order into head_score and type_mass of
-// its heads, and the last of those per sample writes token_score: the whole call in one launch,
-// with the sums of the three-launch path in the same order.
+// where not allowed).
 template <typename T>
 cudaError_t launch_qk_partials(const QKArgs<T>& a, const StatsPlan& plan,
                                float* part_max,  // [B, H_q, Q, C]
                                float* part_sum,  // [B, H_q, Q, C]
                                float* logits,    // [B, H_q, Q, L], or nullptr
-                               const StatsFinal* fin, cudaStream_t stream);
+                               cudaStream_t stream);
 
 // Pass 2 when logits were not kept, grid (C, B, H_kv): recomputes q.k, normalises with the
 // combined partials and adds each head's probabilities over its query rows. head_score must
@@ -113,12 +105,20 @@ cudaError_t launch_qk_head_scores(const QKArgs<T>& a, const StatsPlan& plan,
                                   float* head_score,      // [B, H_q, L]
                                   cudaStream_t stream);
 
-// Pass 2 when logits were kept: head_score[b, h, j] = sum_i softmax(logits[b, h, i, :])[j].
-cudaError_t launch_logits_head_scores(const float* logits,    // [B, H_q, Q, L]
-                                      const float* part_max,  // [B, H_q, Q, C]
-                                      const float* part_sum,  // [B, H_q, Q, C]
-                                      float* head_score,      // [B, H_q, L]
-                                      int B, int Hq, int Q, int L, int chunks, cudaStream_t stream);
+// The merge when logits were kept (Q <= kStatsMaxStoredRows), one launch: each row's C
+// partials merged in chunk order normalise its logits, then
+//   token_score[b, j]  = inv_heads_rows * sum_h sum_i p[b, h, i, j]
+//   type_mass[b, h, t] = inv_rows * sum_{j of type t} sum_i p[b, h, i, j]
+// with inv_rows = 1 / Q and inv_heads_rows = 1 / (H_q * Q).
+cudaError_t launch_logits_stats(const float* logits,       // [B, H_q, Q, L]
+                                const float* part_max,     // [B, H_q, Q, C]
+                                const float* part_sum,     // [B, H_q, Q, C]
+                                const int8_t* token_type,  // [B, L]
+                                int64_t tt_stride_b, int64_t tt_stride_l, int B, int Hq, int Q,
+                                int L, int chunks, int num_types,
+                                float* type_mass,    // [B, H_q, num_types]
+                                float* token_score,  // [B, L]
+                                cudaStream_t stream);
 
 // attention_stats_from_probs' pass 1: head_score[b, h, j] = sum_i probs[b, h, i, j] at
 // slots of a valid type, 0 elsewhere.
@@ -131,7 +131,8 @@ cudaError_t launch_probs_head_scores(const T* probs,  // [B, H, Q, L], last dim 
                                      float* head_score,  // [B, H, L]
                                      cudaStream_t stream);
 
-// Last pass of both stats ops, one launch with two kinds of blocks:
+// Last pass of attention_stats_from_probs and of attention_stats for Q > kStatsMaxStoredRows,
+// one launch with two kinds of blocks:
 //   token_score[b, j]  = inv_heads_rows * sum_h head_score[b, h, j]  (heads in order)
 //   type_mass[b, h, t] = inv_rows * sum_{j of type t} head_score[b, h, j]
 cudaError_t launch_finalize_stats(const float* head_score,   // [B, H, L]

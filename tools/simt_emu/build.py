@@ -55,7 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_sm_count", [](int n) { emu::st().sm_count = n; });
   m.def("set_seed", [](int seed) { emu::st().rng.seed(static_cast<unsigned>(seed)); });
   m.def("set_blocks_per_sm", [](int n) { emu::st().blocks_per_sm = n; });
-  m.def("set_capturing", [](bool on) { emu::st().capturing = on; });
   // The launch plan of attention_stats, as the CUDA glue computes it (bench/kernel_model.py).
   m.def("plan_attention_stats", [](int B, int Hq, int Hkv, int Q, int L, int D, int esize,
                                    bool aligned, int sms, int per_sm) {

@@ -73,7 +73,6 @@ struct State {
   int sm_count = 132;
   int blocks_per_sm = 3;
   bool interleave = true;
-  bool capturing = false;  // what cudaStreamIsCapturing answers
   unsigned max_resident = 4;
   std::map<const void*, int> smem_opt_in;
   char* stacks = nullptr;

@@ -75,7 +75,6 @@ struct alignas(16) uint4 {
 
 using cudaError_t = int;
 using cudaStream_t = void*;
-enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
@@ -165,12 +164,6 @@ template <typename Kernel>
 EMU_NOSAN inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int,
                                                                            size_t) {
   *blocks = emu::st().blocks_per_sm;
-  return cudaSuccess;
-}
-// Whether a graph is being captured: a setting of the emulator (set_capturing), which never
-// records a graph; it lets tests take the paths the glue chooses under capture.
-EMU_NOSAN inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
-  *status = emu::st().capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
   return cudaSuccess;
 }
 EMU_NOSAN inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
