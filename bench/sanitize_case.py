@@ -5,8 +5,8 @@
 (bench/gpu_check.sh runs it under memcheck and racecheck.) Without the caching allocator every
 tensor is its own allocation, so an out-of-bounds access is caught instead of landing in a
 neighbouring cached block. Covers the vector and scalar load paths, grouped-query attention,
-the stored-logits and recompute passes, empty rows, a long select, compaction of many tensors
-of every copy width, and prune_kv.
+the stored-logits and recompute passes, chunks longer than one type tile, empty rows, a long
+select, compaction of many tensors of every copy width, and prune_kv.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     cuda = "cuda"
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # (B, H_q, H_kv, Q, L, D): vector loads, odd D (scalar loads), Q > 8 (recompute).
+        # (B, H_q, H_kv, Q, L, D): vector loads, odd D (scalar loads), Q > 8 (recompute), and
+        # 1024 kv rows that fill the device with one chunk each (types staged twice per chunk).
         for b, hq, hkv, qn, length, d in [
             (2, 8, 2, 1, 129, 128),
             (1, 4, 4, 3, 33, 7),
             (2, 4, 2, 11, 40, 64),
+            (128, 8, 8, 1, 2100, 16),
         ]:
             q = randn((b, hq, qn, d), gen, dtype, cuda)
             k = randn((b, hkv, length, d), gen, dtype, cuda)
