@@ -25,6 +25,14 @@
 namespace dyrate {
 namespace {
 
+// Floats summed per thread below which the sums stay on one thread: a fork-join of the
+// thread pool costs about as much as summing 10^5 of them (2-core Xeon, measured).
+constexpr int64_t kParallelWork = int64_t{1} << 18;
+
+// Key rows ahead of the one in use whose cache lines are prefetched: the hardware prefetcher
+// alone keeps too few misses in flight per core to stream the keys from DRAM.
+constexpr int64_t kPrefetchRows = 8;
+
 // Eight independent partial sums let the compiler vectorise without reassociating a chain.
 template <typename T>
 float dot_generic(const float* q, const T* k, int64_t n) {
@@ -94,10 +102,31 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
+// prow[j] += p[j] for j < L, and row_mass[t] = the sum of p over the slots of type t, for
+// t < num_types (types contiguous; p is 0 at slots of no valid type). One vectorisable pass
+// per type with eight partial sums: adding into row_mass[types[j]] slot by slot chains every
+// add through memory (a store-to-load round trip per slot).
+void add_row(const float* p, const int8_t* types, int64_t L, int64_t num_types, float* prow,
+             float* row_mass) {
+  for (int64_t j = 0; j < L; ++j) prow[j] += p[j];
+  for (int64_t t = 0; t < num_types; ++t) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t j = 0;
+    for (; j + 8 <= L; j += 8) {
+      for (int u = 0; u < 8; ++u) acc[u] += types[j + u] == t ? p[j + u] : 0.f;
+    }
+    float tail = 0.f;
+    for (; j < L; ++j) tail += types[j] == t ? p[j] : 0.f;
+    row_mass[t] =
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  }
+}
+
 // token_score[b, j] = sum_h partial[b, h, j] * inv, summed in head order.
 void reduce_heads(const float* partial, float* token_score, int64_t B, int64_t H, int64_t L,
                   float inv) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, H * L));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float* out = token_score + b * L;
       std::fill(out, out + L, 0.f);
@@ -130,7 +159,6 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.Hkv, hkv = task % d.Hkv;
       const int8_t* types = tp + b * token_type.stride(0);
-      const int64_t tstride = token_type.stride(1);
       // Row r = g * Q + i holds query head hkv * G + g, query row i.
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < Q; ++i) {
@@ -138,9 +166,16 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           load_row(src, qf.data() + (g * Q + i) * D, D);
         }
       }
+      const T* kbase = kp + b * k.stride(0) + hkv * k.stride(1);
+      const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
       for (int64_t j = 0; j < L; ++j) {
-        const bool valid = types[j * tstride] >= 0;
-        const T* krow = kp + b * k.stride(0) + hkv * k.stride(1) + j * k.stride(2);
+        const bool valid = types[j] >= 0;
+        const T* krow = kbase + j * k.stride(2);
+        if (j + kPrefetchRows < L) {
+          const char* next =
+              reinterpret_cast<const char*>(kbase + (j + kPrefetchRows) * k.stride(2));
+          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
+        }
         // A key row read by one query row is used in place; one shared by several is widened
         // to float once.
         if (valid && R > 1) load_row(krow, kf.data(), D);
@@ -157,6 +192,7 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hkv * G + g;
         float* prow = partial + (b * d.Hq + h) * L;
+        std::fill(prow, prow + L, 0.f);
         std::fill(mass.begin(), mass.end(), 0.0);
         for (int64_t i = 0; i < Q; ++i) {
           float* lrow = logits.data() + (g * Q + i) * L;
@@ -170,13 +206,8 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
             sum += e;
           }
           const float inv = 1.f / sum;
-          std::fill(row_mass.begin(), row_mass.end(), 0.f);
-          for (int64_t j = 0; j < L; ++j) {
-            const float p = lrow[j] * inv;
-            prow[j] += p;
-            const int t = types[j * tstride];
-            if (t >= 0) row_mass[t] += p;
-          }
+          for (int64_t j = 0; j < L; ++j) lrow[j] *= inv;
+          add_row(lrow, types, L, num_types, prow, row_mass.data());
           for (int64_t t = 0; t < num_types; ++t) mass[t] += row_mass[t];
         }
         for (int64_t t = 0; t < num_types; ++t) {
@@ -194,24 +225,20 @@ void stats_from_probs_impl(const at::Tensor& probs, const at::Tensor& token_type
   const int64_t B = probs.size(0), H = probs.size(1), Q = probs.size(2), L = probs.size(3);
   const T* pp = probs.const_data_ptr<T>();
   const int8_t* tp = token_type.const_data_ptr<int8_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, Q * L));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<double> mass(num_types);
-    std::vector<float> row_mass(num_types);
+    std::vector<float> row_mass(num_types), pf(L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const int8_t* types = tp + b * token_type.stride(0);
       float* prow = partial + task * L;
+      std::fill(prow, prow + L, 0.f);
       std::fill(mass.begin(), mass.end(), 0.0);
       for (int64_t i = 0; i < Q; ++i) {
         const T* src = pp + b * probs.stride(0) + h * probs.stride(1) + i * probs.stride(2);
-        std::fill(row_mass.begin(), row_mass.end(), 0.f);
-        for (int64_t j = 0; j < L; ++j) {
-          const int t = types[j * token_type.stride(1)];
-          if (t < 0) continue;
-          const float p = static_cast<float>(src[j]);
-          prow[j] += p;
-          row_mass[t] += p;
-        }
+        for (int64_t j = 0; j < L; ++j) pf[j] = types[j] < 0 ? 0.f : static_cast<float>(src[j]);
+        add_row(pf.data(), types, L, num_types, prow, row_mass.data());
         for (int64_t t = 0; t < num_types; ++t) mass[t] += row_mass[t];
       }
       for (int64_t t = 0; t < num_types; ++t) {
@@ -231,16 +258,16 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cpu(const at::Tensor& q, cons
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor type_mass = at::zeros({d.B, d.Hq, num_types}, f32);
   at::Tensor token_score = at::empty({d.B, d.L}, f32);
-  at::Tensor partial = at::zeros({d.B, d.Hq, d.L}, f32);
+  at::Tensor partial = at::empty({d.B, d.Hq, d.L}, f32);  // each task zeroes its rows
   if (d.B == 0 || d.Hq == 0 || d.Q == 0 || d.L == 0) {
     token_score.zero_();
     return {type_mass, token_score};
   }
+  const at::Tensor types = token_type.contiguous();  // the per-type sums read it as a row
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "attention_stats", [&] {
-        attention_stats_impl<scalar_t>(q, k, token_type, d, static_cast<float>(scale), num_types,
-                                       causal, type_mass.data_ptr<float>(),
-                                       partial.data_ptr<float>());
+        attention_stats_impl<scalar_t>(q, k, types, d, static_cast<float>(scale), num_types, causal,
+                                       type_mass.data_ptr<float>(), partial.data_ptr<float>());
       });
   reduce_heads(partial.const_data_ptr<float>(), token_score.data_ptr<float>(), d.B, d.Hq, d.L,
                1.f / static_cast<float>(d.Hq * d.Q));
@@ -257,11 +284,11 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_from_probs_cpu(const at::Tens
   at::Tensor type_mass = at::zeros({B, H, num_types}, f32);
   at::Tensor token_score = at::zeros({B, L}, f32);
   if (B == 0 || H == 0 || Q == 0 || L == 0) return {type_mass, token_score};
-  at::Tensor partial = at::zeros({B, H, L}, f32);
+  at::Tensor partial = at::empty({B, H, L}, f32);  // each task zeroes its rows
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, probs.scalar_type(), "attention_stats_from_probs", [&] {
-        stats_from_probs_impl<scalar_t>(probs, token_type, num_types, type_mass.data_ptr<float>(),
-                                        partial.data_ptr<float>());
+        stats_from_probs_impl<scalar_t>(probs, token_type.contiguous(), num_types,
+                                        type_mass.data_ptr<float>(), partial.data_ptr<float>());
       });
   reduce_heads(partial.const_data_ptr<float>(), token_score.data_ptr<float>(), B, H, L,
                1.f / static_cast<float>(H * Q));
