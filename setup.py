@@ -46,10 +46,18 @@ def extension():
     with_cuda = build_with_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = [*opt, "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers; compiled
+    # without it, every CPU kernel runs on one thread. The runtime is torch's own libgomp.so.1
+    # (already loaded by import torch, so the soname resolves to it).
+    cxx = [*opt, "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    link = ["-fopenmp"]
     if not with_cuda:
         return CppExtension(
-            "dyrate_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
+            "dyrate_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
+            py_limited_api=True,
         )
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = [*opt, "--expt-relaxed-constexpr", "-Xcompiler=-Wall", "--threads=2"]
@@ -62,6 +70,7 @@ def extension():
         sources,
         define_macros=[("DYRATE_WITH_CUDA", None)],
         extra_compile_args={"cxx": [*cxx, "-DDYRATE_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
         py_limited_api=True,
     )
 

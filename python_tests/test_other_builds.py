@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,21 @@ def test_build_registers_working_ops(build):
     assert "ops ok" in out.stdout
     if build == "cpu_only":
         assert "cuda kernels: False" in out.stdout, "DYRATE_FORCE_CPU=1 must build no CUDA kernels"
+
+
+@pytest.mark.parametrize("build", ["python", *sorted(BUILDS)])
+def test_cpu_kernels_run_on_threads(build):
+    """at::parallel_for is an inline OpenMP region in torch's headers: a library compiled
+    without -fopenmp runs every CPU kernel on one thread (all of them did until 2026-12-01).
+    The region shows as a reference to GOMP_parallel, resolved by torch's own libgomp."""
+    import dyrate_ext._C
+
+    lib = Path(dyrate_ext._C.__file__) if build == "python" else BUILDS[build]
+    if lib is None or not lib.exists():
+        pytest.skip(f"{build} build not present (make other-builds)")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs nm (binutils)")
+    out = subprocess.run([nm, "-D", "--undefined-only", str(lib)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "GOMP_parallel" in out.stdout, f"{lib.name} has no OpenMP region"

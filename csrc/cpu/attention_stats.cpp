@@ -33,6 +33,9 @@ constexpr int64_t kParallelWork = int64_t{1} << 18;
 // alone keeps too few misses in flight per core to stream the keys from DRAM.
 constexpr int64_t kPrefetchRows = 8;
 
+// Key rows whose dot products with one query row are computed together (decode, Q = G = 1).
+constexpr int kDotRows = 4;
+
 // Eight independent partial sums let the compiler vectorise without reassociating a chain.
 template <typename T>
 float dot_generic(const float* q, const T* k, int64_t n) {
@@ -59,6 +62,20 @@ DYRATE_AVX2 inline __m256 load8(const c10::BFloat16* k) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+// The sum of a0 + a1's lanes plus q[d:n] . k[d:n]: the end of every AVX2 dot, shared so that
+// a row gives the same bits whichever kernel computed it.
+template <typename T>
+DYRATE_AVX2 inline float finish_dot(__m256 a0, __m256 a1, const float* q, const T* k, int64_t d,
+                                    int64_t n) {
+  const __m256 a = _mm256_add_ps(a0, a1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  float sum = _mm_cvtss_f32(h);
+  for (; d < n; ++d) sum += q[d] * static_cast<float>(k[d]);
+  return sum;
+}
+
 template <typename T>
 DYRATE_AVX2 float dot_avx2(const float* q, const T* k, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -68,13 +85,30 @@ DYRATE_AVX2 float dot_avx2(const float* q, const T* k, int64_t n) {
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k + d + 8), a1);
   }
   for (; d + 8 <= n; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
-  const __m256 a = _mm256_add_ps(a0, a1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  float sum = _mm_cvtss_f32(h);
-  for (; d < n; ++d) sum += q[d] * static_cast<float>(k[d]);
-  return sum;
+  return finish_dot(a0, a1, q, k, d, n);
+}
+
+// out[r] = q . k[r * stride :][:n] for kDotRows key rows at once, each with dot_avx2's
+// arithmetic (the same bits): one load of q serves every row and the rows' FMA chains
+// interleave, where one row at a time waits on its own chain.
+template <typename T>
+DYRATE_AVX2 void dots_avx2(const float* q, const T* k, int64_t stride, int64_t n, float* out) {
+  __m256 a0[kDotRows], a1[kDotRows];
+  for (int r = 0; r < kDotRows; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + d + 8);
+    for (int r = 0; r < kDotRows; ++r) {
+      a0[r] = _mm256_fmadd_ps(q0, load8(k + r * stride + d), a0[r]);
+      a1[r] = _mm256_fmadd_ps(q1, load8(k + r * stride + d + 8), a1[r]);
+    }
+  }
+  for (; d + 8 <= n; d += 8) {
+    const __m256 q0 = _mm256_loadu_ps(q + d);
+    for (int r = 0; r < kDotRows; ++r)
+      a0[r] = _mm256_fmadd_ps(q0, load8(k + r * stride + d), a0[r]);
+  }
+  for (int r = 0; r < kDotRows; ++r) out[r] = finish_dot(a0[r], a1[r], q, k + r * stride, d, n);
 }
 
 bool cpu_has_avx2() {
@@ -86,6 +120,23 @@ bool cpu_has_avx2() {
 
 template <typename T>
 using DotFn = float (*)(const float*, const T*, int64_t);
+template <typename T>
+using DotsFn = void (*)(const float*, const T*, int64_t, int64_t, float*);
+
+template <typename T>
+void dots_generic(const float* q, const T* k, int64_t stride, int64_t n, float* out) {
+  for (int r = 0; r < kDotRows; ++r) out[r] = dot_generic(q, k + r * stride, n);
+}
+
+template <typename T>
+DotsFn<T> pick_dots() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu_has_avx2()) return &dots_avx2<T>;
+  }
+#endif
+  return &dots_generic<T>;
+}
 
 template <typename T>
 DotFn<T> pick_dot() {
@@ -150,6 +201,7 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t G = d.Hq / d.Hkv, R = G * d.Q, L = d.L, D = d.D, Q = d.Q;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const DotFn<T> dot_k = pick_dot<T>();
+  const DotsFn<T> dots_k = pick_dots<T>();
   const DotFn<float> dot_f = pick_dot<float>();
 
   at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -168,7 +220,23 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       }
       const T* kbase = kp + b * k.stride(0) + hkv * k.stride(1);
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-      for (int64_t j = 0; j < L; ++j) {
+      int64_t j = 0;
+      if (R == 1) {  // kDotRows slots at a time; a slot that is not allowed gets -inf after all
+        const int64_t last = causal ? L - Q : L - 1;
+        for (; j + kDotRows <= L; j += kDotRows) {
+          for (int64_t p = j + kPrefetchRows; p < j + kPrefetchRows + kDotRows && p < L; ++p) {
+            const char* next = reinterpret_cast<const char*>(kbase + p * k.stride(2));
+            for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
+          }
+          float dot[kDotRows];
+          dots_k(qf.data(), kbase + j * k.stride(2), k.stride(2), D, dot);
+          for (int u = 0; u < kDotRows; ++u) {
+            const bool allowed = types[j + u] >= 0 && j + u <= last;
+            logits[j + u] = allowed ? scale * dot[u] : neg_inf;
+          }
+        }
+      }
+      for (; j < L; ++j) {
         const bool valid = types[j] >= 0;
         const T* krow = kbase + j * k.stride(2);
         if (j + kPrefetchRows < L) {
