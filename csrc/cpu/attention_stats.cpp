@@ -153,13 +153,12 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
-// prow[j] += p[j] for j < L, and row_mass[t] = the sum of p over the slots of type t, for
-// t < num_types (types contiguous; p is 0 at slots of no valid type). One vectorisable pass
-// per type with eight partial sums: adding into row_mass[types[j]] slot by slot chains every
-// add through memory (a store-to-load round trip per slot).
-void add_row(const float* p, const int8_t* types, int64_t L, int64_t num_types, float* prow,
-             float* row_mass) {
-  for (int64_t j = 0; j < L; ++j) prow[j] += p[j];
+// row_mass[t] = the sum of p over the slots of type t, for t < num_types (types contiguous):
+// one pass per type with eight partial sums (slot j feeds sum j % 8), added up in a fixed tree,
+// so the AVX2 version below gives the same bits. Adding into row_mass[types[j]] slot by slot
+// would chain every add through memory (a store-to-load round trip per slot).
+void type_sums_generic(const float* p, const int8_t* types, int64_t L, int64_t num_types,
+                       float* row_mass) {
   for (int64_t t = 0; t < num_types; ++t) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     int64_t j = 0;
@@ -171,6 +170,43 @@ void add_row(const float* p, const int8_t* types, int64_t L, int64_t num_types, 
     row_mass[t] =
         ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
   }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+DYRATE_AVX2 void type_sums_avx2(const float* p, const int8_t* types, int64_t L, int64_t num_types,
+                                float* row_mass) {
+  for (int64_t t = 0; t < num_types; ++t) {
+    const __m256i want = _mm256_set1_epi32(static_cast<int>(t));
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= L; j += 8) {
+      const __m256i ty =
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(types + j)));
+      const __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(ty, want));
+      sum = _mm256_add_ps(sum, _mm256_and_ps(hit, _mm256_loadu_ps(p + j)));
+    }
+    alignas(32) float acc[8];
+    _mm256_store_ps(acc, sum);
+    float tail = 0.f;
+    for (; j < L; ++j) tail += types[j] == t ? p[j] : 0.f;
+    row_mass[t] =
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  }
+}
+#endif
+
+// prow[j] += p[j] for j < L and row_mass[t] = the sum of p over the slots of type t (p is 0 at
+// slots of no valid type).
+void add_row(const float* p, const int8_t* types, int64_t L, int64_t num_types, float* prow,
+             float* row_mass) {
+  for (int64_t j = 0; j < L; ++j) prow[j] += p[j];
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) {
+    type_sums_avx2(p, types, L, num_types, row_mass);
+    return;
+  }
+#endif
+  type_sums_generic(p, types, L, num_types, row_mass);
 }
 
 // token_score[b, j] = sum_h partial[b, h, j] * inv, summed in head order.
