@@ -90,20 +90,16 @@ def test_attention_stats_bitwise_deterministic(emu, shape, gen):
 
 
 def test_attention_stats_long_chunk_restages_types(emu, gen):
-    """One SM and one block per SM: a chunk holds the whole key sequence, 4500 slots, so the
-    q.k kernel stages the chunk's token types in shared memory three times (kStatsTypeTile =
-    2048 slots at a time); Q = 1 merges from kept logits, Q = 9 recomputes q.k."""
+    """One SM (3 blocks) and three kv rows: a chunk holds the whole key sequence, 4500 slots, so
+    the q.k kernel stages the chunk's token types in shared memory three times (kStatsTypeTile
+    = 2048 slots at a time); Q = 1 merges from kept logits, Q = 9 recomputes q.k."""
     emu.set_sm_count(1)
-    emu.set_blocks_per_sm(1)
-    try:
-        plan = emu.plan_attention_stats(1, 2, 1, 1, 4500, 16, 2, True, 1, 1)
-        assert plan["chunks"] == 1 and plan["chunk_len"] >= 4500
-        for qn in (1, 9):
-            q, k, types, scale, causal = stats_case((1, 2, 1, qn, 4500, 16, True), torch.half, gen)
-            types[0, 2040:2060] = 2  # a run of another type across the first tile border
-            check_attention_stats(Backend("emulated", emu), q, k, types, scale, causal)
-    finally:
-        emu.set_blocks_per_sm(3)
+    plan = emu.plan_attention_stats(3, 2, 1, 1, 4500, 16, 2, True, 1, 3)
+    assert plan["chunks"] == 1 and plan["chunk_len"] >= 4500
+    for qn in (1, 9):
+        q, k, types, scale, causal = stats_case((3, 2, 1, qn, 4500, 16, True), torch.half, gen)
+        types[:, 2040:2060] = 2  # a run of another type across the first tile border
+        check_attention_stats(Backend("emulated", emu), q, k, types, scale, causal)
 
 
 @pytest.mark.parametrize("hq, hkv, qn", [(40, 8, 8), (37, 37, 1), (3, 1, 8)])

@@ -20,7 +20,10 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -84,6 +87,20 @@ int sm_count() {
   return n;
 }
 
+// Resident pass-1 blocks per SM of attention_stats (the occupancy API) for the current device,
+// element size, head dim and alignment, asked once per combination: it depends on nothing
+// else, and a decode step should not pay a driver query per call.
+int stats_blocks_per_sm(int esize, int D, bool aligned) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::tuple<int, int, int, bool>, int>();
+  const auto key =
+      std::make_tuple(static_cast<int>(c10::cuda::current_device()), esize, D, aligned);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache->find(key);
+  if (it == cache->end()) it = cache->emplace(key, K::stats_blocks_per_sm(esize, D, aligned)).first;
+  return it->second;
+}
+
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::tuple<at::Tensor, at::Tensor> zero_stats(const at::Tensor& like, int64_t B, int64_t H,
@@ -122,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, con
   const K::StatsPlan plan = K::plan_attention_stats(
       static_cast<int>(d.B), static_cast<int>(d.Hq), static_cast<int>(d.Hkv), static_cast<int>(d.Q),
       static_cast<int>(d.L), static_cast<int>(d.D), esize, aligned, sm_count(),
-      K::stats_blocks_per_sm(esize, static_cast<int>(d.D), aligned));
+      stats_blocks_per_sm(esize, static_cast<int>(d.D), aligned));
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_max = at::empty({d.B, d.Hq, d.Q, plan.chunks}, f32);

@@ -52,9 +52,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     dyrate::compact_cuda(tensors, keep_index, new_length);
   });
   m.def("compact_token_type_", &dyrate::compact_token_type_cuda);
-  m.def("set_sm_count", [](int n) { emu::st().sm_count = n; });
+  m.def("set_sm_count", [](int n) {
+    emu::st().sm_count = n;
+    emu::select_device();
+  });
   m.def("set_seed", [](int seed) { emu::st().rng.seed(static_cast<unsigned>(seed)); });
-  m.def("set_blocks_per_sm", [](int n) { emu::st().blocks_per_sm = n; });
+  m.def("set_blocks_per_sm", [](int n) {
+    emu::st().blocks_per_sm = n;
+    emu::select_device();
+  });
   // The launch plan of attention_stats, as the CUDA glue computes it (bench/kernel_model.py).
   m.def("plan_attention_stats", [](int B, int Hq, int Hkv, int Q, int L, int D, int esize,
                                    bool aligned, int sms, int per_sm) {

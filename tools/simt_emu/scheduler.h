@@ -72,6 +72,11 @@ struct State {
   cudaError_t last_error = cudaSuccess;
   int sm_count = 132;
   int blocks_per_sm = 3;
+  // What c10::cuda::current_device() answers: one emulated device per (sm_count,
+  // blocks_per_sm) setting, so that per-device caches of the glue see a new device when a
+  // test changes the setting (select_device).
+  int device = 0;
+  std::vector<std::pair<int, int>> devices{{132, 3}};
   bool interleave = true;
   unsigned max_resident = 4;
   std::map<const void*, int> smem_opt_in;
@@ -90,6 +95,16 @@ EMU_NOSAN inline Block& cur_block() { return st().blocks[st().cur_slot]; }
 EMU_NOSAN inline void fail(const std::string& msg) {
   State& s = st();
   if (s.error.empty()) s.error = msg;
+}
+
+// Make the current settings' emulated device current (a new id for a new setting).
+EMU_NOSAN inline void select_device() {
+  State& s = st();
+  const std::pair<int, int> config{s.sm_count, s.blocks_per_sm};
+  const auto it = std::find(s.devices.begin(), s.devices.end(), config);
+  s.device = static_cast<int>(it - s.devices.begin());
+  if (it == s.devices.end()) s.devices.push_back(config);
+  if (s.device > 255) throw std::runtime_error("more than 256 emulated device settings");
 }
 
 // Per-block storage of a static __shared__ variable; `key` names the declaration. Poisoned.
