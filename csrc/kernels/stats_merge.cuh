@@ -61,7 +61,7 @@ __device__ __forceinline__ void token_score_slots(const float* head_score, float
 #pragma unroll
         for (int u = 0; u < kFinBatch; ++u) {
           const bool in = h0 + h < H && j + u * step < j_end;
-          v[h][u] = in ? __ldcg(head_score + static_cast<int64_t>(h0 + h) * L + j + u * step) : 0.f;
+          v[h][u] = in ? head_score[static_cast<int64_t>(h0 + h) * L + j + u * step] : 0.f;
         }
       }
 #pragma unroll
