@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..flops import DecoderShape, layer_flops
 
-__all__ = ["expected_flops", "st_gumbel_softmax", "temperature"]
+__all__ = ["expected_flops", "rate_keep_counts", "st_gumbel_softmax", "temperature"]
 
 
 def st_gumbel_softmax(
@@ -61,6 +61,13 @@ def temperature(step: int, total: int, start: float = 1.0, end: float = 0.1) -> 
     return float(math.exp(math.log(start) + frac * (math.log(end) - math.log(start))))
 
 
+def rate_keep_counts(num_image: Tensor, num_rates: int) -> Tensor:
+    """int64 [B, K]: n - floor(j n / K) for class j = 0..K-1 (eq. 3, `DyRate`'s integer rule)."""
+    j = torch.arange(num_rates, device=num_image.device)
+    n = num_image.to(torch.int64)[:, None]
+    return n - torch.div(j[None] * n, num_rates, rounding_mode="floor")
+
+
 def expected_flops(
     shape: DecoderShape,
     k: int,
@@ -81,11 +88,8 @@ def expected_flops(
         row_valid: bool [B, C], steps that exist (the caption's length).
     """
     batch, steps, num_rates = pi.shape
-    j = torch.arange(num_rates, device=pi.device)
     n_img = num_image.to(pi.device)
-    asked = (n_img[:, None] - torch.div(j * n_img[:, None], num_rates, rounding_mode="floor")).to(
-        pi.dtype
-    )
+    asked = rate_keep_counts(n_img, num_rates).to(pi.dtype)
     n = prompt_length.to(device=pi.device, dtype=pi.dtype)
     img = n_img.to(pi.dtype)
     layers = shape.num_layers

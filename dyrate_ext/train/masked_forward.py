@@ -42,12 +42,13 @@ from torch import Tensor
 
 from .. import ops
 from ..token_types import NUM_TYPES, TokenType
+from .gumbel import rate_keep_counts
 
 try:
     from transformers import LlavaForConditionalGeneration
 
     from ..llava import prompt_token_type
-    from ..llava.decoder import rotated_qkv
+    from ..llava.decoder import allowed_slots, rotated_qkv
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "dyrate_ext.train needs transformers>=5,<6: pip install 'transformers>=5,<6'"
@@ -115,13 +116,6 @@ class Prepared:
     def to(self, device: torch.device | str) -> Prepared:
         """The tensors on `device`."""
         return Prepared(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-
-def rate_keep_counts(num_image: Tensor, num_rates: int) -> Tensor:
-    """int64 [B, K]: n - floor(j n / K) for class j = 0..K-1 (eq. 3, `DyRate`'s integer rule)."""
-    j = torch.arange(num_rates, device=num_image.device)
-    n = num_image.to(torch.int64)[:, None]
-    return n - torch.div(j[None] * n, num_rates, rounding_mode="floor")
 
 
 def keep_masks(
@@ -259,8 +253,8 @@ class MaskedLlava:
             )
         return embeds.masked_scatter(image[..., None], feats.to(embeds.dtype))
 
-    def _layout(self, batch: CaptionBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """token_type int8 [B, N], positions int64 [B, N], allowed bool [B, N, N]."""
+    def _layout(self, batch: CaptionBatch) -> tuple[Tensor, Tensor]:
+        """token_type int8 [B, N], positions int64 [B, N]."""
         prompt_mask = batch.attention_mask.to(torch.int64)
         cap = batch.caption_mask.to(torch.int64)
         if (cap[:, 0] == 0).any():
@@ -278,20 +272,14 @@ class MaskedLlava:
             ],
             dim=1,
         )
-        n = types.shape[1]
-        idx = torch.arange(n, device=types.device)
-        causal = idx[None, :] <= idx[:, None]
-        allowed = ((types >= 0)[:, None, :] & causal[None]) | torch.eye(
-            n, dtype=torch.bool, device=types.device
-        )[None]
-        return types, positions, allowed
+        return types, positions
 
     @torch.no_grad()
     def prepare(self, batch: CaptionBatch) -> Prepared:
         """Run the frozen layers 0..k-1 and the scoring statistics of every decoding step."""
-        types, positions, allowed = self._layout(batch)
+        types, positions = self._layout(batch)
         h = self._embed(batch, types)
-        bias = self._bias(allowed, h)
+        bias = self._bias(types)
         cos_sin = self.text.rotary_emb(h, positions)
         probs = None
         for index in range(self.k):
@@ -320,9 +308,12 @@ class MaskedLlava:
         )
 
     @staticmethod
-    def _bias(allowed: Tensor, ref: Tensor) -> Tensor:
+    def _bias(types: Tensor) -> Tensor:
+        """The additive float32 causal mask [B, 1, N, N] of the fed sequence: `allowed_slots`
+        (no empty slots, causal, always the own slot) over all N rows."""
+        allowed = allowed_slots(types, types.shape[1])
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-        return bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+        return bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
     # ---- layers k..N-1 --------------------------------------------------------------------------
 
@@ -342,12 +333,7 @@ class MaskedLlava:
         """float32 logits [B, C, V] of every decoding step, layers >= k masked by the step
         masks m [B, C, N] (None: nothing pruned). Differentiable in m."""
         h = prep.hidden
-        n = h.shape[1]
-        idx = torch.arange(n, device=h.device)
-        allowed = ((prep.token_type >= 0)[:, None, :] & (idx[None, :] <= idx[:, None])[None]) | (
-            idx[None, :] == idx[:, None]
-        )[None]
-        bias = self._bias(allowed, h)
+        bias = self._bias(prep.token_type)
         keep = None if m is None else self.row_keep(prep, m).to(torch.float32)
         cos_sin = self.text.rotary_emb(h, prep.positions)
         for index in range(self.k, self.num_layers):

@@ -222,9 +222,8 @@ def _train(cfg: TrainConfig, out: Path | None, progress: bool) -> TrainResult:
         if (cfg.val_every and (step + 1) % cfg.val_every == 0) or last:
             val_losses.append((step + 1, _val_loss(model, val_batch)))
             if out is not None:
-                result = TrainResult(model, processor, losses, val_losses, 0.0)
-                result.seconds = time.perf_counter() - start
-                _save(result, cfg, out)
+                seconds = time.perf_counter() - start
+                _save(TrainResult(model, processor, losses, val_losses, seconds), cfg, out)
     model.eval()
     return TrainResult(model, processor, losses, val_losses, time.perf_counter() - start)
 
