@@ -256,30 +256,28 @@ void attention_stats_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       }
       const T* kbase = kp + b * k.stride(0) + hkv * k.stride(1);
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+      // Prefetches key rows [j0, min(j1, L)).
+      auto prefetch = [&](int64_t j0, int64_t j1) {
+        for (int64_t p = j0; p < j1 && p < L; ++p) {
+          const char* row = reinterpret_cast<const char*>(kbase + p * k.stride(2));
+          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off);
+        }
+      };
       int64_t j = 0;
-      if (R == 1) {  // kDotRows slots at a time; a slot that is not allowed gets -inf after all
-        const int64_t last = causal ? L - Q : L - 1;
+      if (R == 1) {  // kDotRows slots at a time; Q = 1, so causality allows every slot
         for (; j + kDotRows <= L; j += kDotRows) {
-          for (int64_t p = j + kPrefetchRows; p < j + kPrefetchRows + kDotRows && p < L; ++p) {
-            const char* next = reinterpret_cast<const char*>(kbase + p * k.stride(2));
-            for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
-          }
+          prefetch(j + kPrefetchRows, j + kPrefetchRows + kDotRows);
           float dot[kDotRows];
           dots_k(qf.data(), kbase + j * k.stride(2), k.stride(2), D, dot);
           for (int u = 0; u < kDotRows; ++u) {
-            const bool allowed = types[j + u] >= 0 && j + u <= last;
-            logits[j + u] = allowed ? scale * dot[u] : neg_inf;
+            logits[j + u] = types[j + u] >= 0 ? scale * dot[u] : neg_inf;
           }
         }
       }
       for (; j < L; ++j) {
         const bool valid = types[j] >= 0;
         const T* krow = kbase + j * k.stride(2);
-        if (j + kPrefetchRows < L) {
-          const char* next =
-              reinterpret_cast<const char*>(kbase + (j + kPrefetchRows) * k.stride(2));
-          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
-        }
+        prefetch(j + kPrefetchRows, j + kPrefetchRows + 1);
         // A key row read by one query row is used in place; one shared by several is widened
         // to float once.
         if (valid && R > 1) load_row(krow, kf.data(), D);

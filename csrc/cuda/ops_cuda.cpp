@@ -16,7 +16,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdint>

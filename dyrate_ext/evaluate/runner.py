@@ -175,7 +175,7 @@ def run_policy(
         decode_s += clock.decode_seconds
         decode_steps += clock.decode_steps
         new = out.new_tokens
-        lengths = _lengths(new, eos)
+        lengths = _lengths(new, eos).cpu()  # the trace sums below are on the CPU
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         hyps.update({int(i): t.strip() for i, t in zip(b["ids"], texts)})
         t = torch.arange(out.trace.kept_image.shape[0])[:, None]
