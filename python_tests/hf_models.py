@@ -20,8 +20,8 @@ llava_utils) so attention is peaked and keep decisions do not hinge on rounding.
 from __future__ import annotations
 
 import torch
+from llava_utils import late_mask_in, reference_masks, tiny_llava
 from llava_utils import prompts as llava_prompts
-from llava_utils import tiny_llava
 from torch import Tensor
 
 from dyrate_ext.hf._compat import decoder_layers
@@ -339,49 +339,19 @@ def masked_reference(
     """float32 [T, B, V]: each step's next-token logits from HF's forward of the whole fed
     sequence, every slot kept, with the image slots removed at steps <= t masked in layers >= k
     for the query row of step t (see the module docstring)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    batch, prompt_len = ids.shape
+    prompt_len = inputs["input_ids"].shape[1]
     steps = sequences.shape[1] - prompt_len
     fed = sequences[:, : prompt_len + steps - 1]
-    n = fed.shape[1]
-    mask2d = torch.cat([mask, torch.ones(batch, steps - 1, dtype=torch.int64)], dim=1)
-    step_of_row = torch.cat([torch.zeros(prompt_len, dtype=torch.int64), torch.arange(1, steps)])
-    rows, cols = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    diag = (rows == cols)[None]
-    base = (mask2d.bool()[:, None, :] & (cols <= rows)[None]) | diag
-    removed = torch.cat([removed_step, torch.full((batch, steps - 1), -1)], dim=1)
-    gone = (removed[:, None, :] >= 0) & (removed[:, None, :] <= step_of_row[None, :, None])
-    late = (base & ~gone) | diag
-
-    def additive(allowed: Tensor) -> Tensor:
-        m = torch.zeros(allowed.shape, dtype=torch.float32)
-        return m.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-
-    late_mask = additive(late)
-
-    def swap(module, args, kwargs):
-        kwargs["attention_mask"] = late_mask
-        return args, kwargs
-
-    layers = decoder_layers(model)
-    hooks = (
-        []
-        if k is None
-        else [x.register_forward_pre_hook(swap, with_kwargs=True) for x in layers[k:]]
-    )
+    masks = reference_masks(inputs["attention_mask"], removed_step, steps)
     media = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask")}
     media.pop("mm_token_type_ids", None)
-    try:
-        with torch.no_grad():
-            res = model(
-                input_ids=fed,
-                attention_mask=additive(base),
-                position_ids=_positions(model, inputs, fed, mask2d),
-                use_cache=False,
-                **media,
-            )
-    finally:
-        for h in hooks:
-            h.remove()
+    with late_mask_in(decoder_layers(model), k, masks.late), torch.no_grad():
+        res = model(
+            input_ids=fed,
+            attention_mask=masks.base,
+            position_ids=_positions(model, inputs, fed, masks.mask2d),
+            use_cache=False,
+            **media,
+        )
     rows_of_step = torch.arange(steps) + prompt_len - 1
     return res.logits[:, rows_of_step].transpose(0, 1).float()

@@ -15,6 +15,8 @@ the physically pruned loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +107,59 @@ def prompts(
 
 
 @dataclass
+class ReferenceMasks:
+    mask2d: Tensor  # int64 [B, N]: the fed sequence's attention mask (prompt + steps - 1)
+    step_of_row: Tensor  # int64 [N]: the step that fed each row
+    base: Tensor  # float32 [B, 1, N, N] additive: causal over real slots (layers < k)
+    late: Tensor  # the same, less the image slots removed at steps <= the row's (layers >= k)
+
+
+def reference_masks(attention_mask: Tensor, removed_step: Tensor, steps: int) -> ReferenceMasks:
+    """The masks of a masked reference of `steps` generated tokens: left-padded prompts'
+    attention_mask int64 [B, S] and removed_step int64 [B, S] (-1 never). A row always sees
+    its own slot."""
+    batch, prompt_len = attention_mask.shape
+    mask2d = torch.cat([attention_mask, torch.ones(batch, steps - 1, dtype=torch.int64)], dim=1)
+    n = mask2d.shape[1]
+    step_of_row = torch.cat([torch.zeros(prompt_len, dtype=torch.int64), torch.arange(1, steps)])
+    rows = torch.arange(n)[:, None]
+    cols = torch.arange(n)[None, :]
+    diag = (rows == cols)[None]
+    base = (mask2d.bool()[:, None, :] & (cols <= rows)[None]) | diag  # [B, N, N]
+    removed = torch.cat(
+        [removed_step, torch.full((batch, steps - 1), -1, dtype=torch.int64)], dim=1
+    )  # [B, N]
+    gone = (removed[:, None, :] >= 0) & (removed[:, None, :] <= step_of_row[None, :, None])
+    late = (base & ~gone) | diag
+
+    def additive(allowed: Tensor) -> Tensor:
+        m = torch.zeros(allowed.shape, dtype=torch.float32)
+        return m.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+    return ReferenceMasks(mask2d, step_of_row, additive(base), additive(late))
+
+
+@contextmanager
+def late_mask_in(layers: Sequence[torch.nn.Module], k: int | None, late: Tensor) -> Iterator[None]:
+    """While inside, decoder layers >= k get `late` as their attention mask (none for None)."""
+
+    def swap(module, args, kwargs):
+        kwargs["attention_mask"] = late
+        return args, kwargs
+
+    hooks = (
+        []
+        if k is None
+        else [x.register_forward_pre_hook(swap, with_kwargs=True) for x in layers[k:]]
+    )
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@dataclass
 class Reference:
     logits: Tensor  # float32 [T, B, V]: each step's next-token logits
     keys: list[Tensor]  # per layer [B, H_kv, N, D] rotated keys of every fed slot
@@ -126,49 +181,20 @@ def masked_reference(
     batch, prompt_len = p.input_ids.shape
     steps = seq.shape[1] - prompt_len
     fed = seq[:, : prompt_len + steps - 1]
-    n = fed.shape[1]
-    mask2d = torch.cat([p.attention_mask, torch.ones(batch, steps - 1, dtype=torch.int64)], dim=1)
-    positions = (mask2d.cumsum(1) - 1).clamp(min=0)
-    step_of_row = torch.cat([torch.zeros(prompt_len, dtype=torch.int64), torch.arange(1, steps)])
-
-    rows = torch.arange(n)[:, None]
-    cols = torch.arange(n)[None, :]
-    diag = (rows == cols)[None]
-    base = (mask2d.bool()[:, None, :] & (cols <= rows)[None]) | diag  # [B, N, N]
-    removed = torch.cat(
-        [out.trace.removed_step, torch.full((batch, steps - 1), -1, dtype=torch.int64)], dim=1
-    )  # [B, N]
-    gone = (removed[:, None, :] >= 0) & (removed[:, None, :] <= step_of_row[None, :, None])
-    late = (base & ~gone) | diag
-
-    def additive(allowed: Tensor) -> Tensor:
-        m = torch.zeros(allowed.shape, dtype=torch.float32)
-        return m.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-
-    base_mask, late_mask = additive(base), additive(late)
-    hooks = []
-    if k is not None:
-        for layer in model.model.language_model.layers[k:]:
-
-            def swap(module, args, kwargs):
-                kwargs["attention_mask"] = late_mask
-                return args, kwargs
-
-            hooks.append(layer.register_forward_pre_hook(swap, with_kwargs=True))
+    masks = reference_masks(p.attention_mask, out.trace.removed_step, steps)
+    positions = (masks.mask2d.cumsum(1) - 1).clamp(min=0)
+    layers = model.model.language_model.layers
     eager = model.config.text_config._attn_implementation == "eager"
-    try:
-        with torch.no_grad():
-            res = model(
-                input_ids=fed,
-                pixel_values=p.pixel_values,
-                attention_mask=base_mask,
-                position_ids=positions,
-                use_cache=True,
-                output_attentions=eager,
-            )
-    finally:
-        for h in hooks:
-            h.remove()
+    with late_mask_in(layers, k, masks.late), torch.no_grad():
+        res = model(
+            input_ids=fed,
+            pixel_values=p.pixel_values,
+            attention_mask=masks.base,
+            position_ids=positions,
+            use_cache=True,
+            output_attentions=eager,
+        )
+    step_of_row = masks.step_of_row
     rows_of_step = torch.arange(steps) + prompt_len - 1
     logits = res.logits[:, rows_of_step].transpose(0, 1).float()
     cache = res.past_key_values

@@ -242,7 +242,11 @@ class PruningSession:
             if ids is None or ids.shape[1] != 1:
                 raise RuntimeError("dyrate_ext.hf.pruning decodes one token per step per sample")
             cache.step += 1
-        self._rate = self._rates[-1] if self._rates else torch.zeros(len(self._kept))
+        self._rate = (
+            self._rates[-1]
+            if self._rates
+            else torch.zeros(len(self._kept), device=self._kept.device)
+        )
         self.active = cache
 
     def _begin(self, types: Tensor) -> None:
@@ -265,8 +269,8 @@ class PruningSession:
         cache = self.active
         if cache is None:
             return
-        self._kept_steps.append(self._kept.clone())
-        self._rates.append(self._rate.to(torch.float32).cpu())
+        self._kept_steps.append(self._kept)  # replaced, never written in place
+        self._rates.append(self._rate)
         self._bytes.append(cache.nbytes())
         self._live.append(cache.live_nbytes())
         self._lengths.append(
@@ -279,7 +283,7 @@ class PruningSession:
             return None
         return HFTrace(
             kept_image=torch.stack(self._kept_steps).cpu(),
-            rate=torch.stack(self._rates),
+            rate=torch.stack(self._rates).cpu(),
             type_mass=torch.stack(self._mass).cpu() if self._mass else None,
             cache_bytes=torch.tensor(self._bytes),
             live_bytes=torch.tensor(self._live),
@@ -311,7 +315,7 @@ class PruningSession:
         if decision is not None:
             decision.check(self.policy, kept.shape[0])
             counts = torch.minimum(decision.keep_count.to(kept.device), kept)
-            self._rate = decision.rate.detach()
+            self._rate = decision.rate.detach().to(device=kept.device, dtype=torch.float32)
         if cache.step == 0:
             self._plan = (score, kept if counts is None else counts)
         elif counts is not None and bool((counts < kept).any()):
