@@ -206,9 +206,7 @@ def _vanilla_row(base: dict[str, Any], runs: list[tuple[int, StepClock]], batch:
         peak_live_kv_mib=held,
         allocated_kv_mib=held,
     )
-    row["tokens_per_s_vs_noprune"] = row["tokens_per_s"] / base["tokens_per_s"]
-    row["peak_live_kv_vs_noprune"] = held / base["peak_live_kv_mib"]
-    row["prefill_vs_noprune"] = row["prefill_s"] / base["prefill_s"]
+    _ratios(row, base)
     return row
 
 

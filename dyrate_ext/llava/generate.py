@@ -106,7 +106,7 @@ def generate(
     generated: list[Tensor] = []
     while True:
         tokens = choose_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        tokens = torch.where(unfinished, tokens, pad_token_id)
         generated.append(tokens)
         if eos is not None:
             unfinished = unfinished & ~torch.isin(tokens, eos)

@@ -101,7 +101,7 @@ class Generation:
         self.kept = (pruned.token_type == TokenType.IMAGE).sum(dim=1)
 
     def _record(self, logits: Tensor, stats: tuple[Tensor, Tensor] | None, pos: Tensor) -> None:
-        self.kept_trace.append(self.kept.clone())
+        self.kept_trace.append(self.kept)  # self.kept is replaced, never written in place
         if self.stats_layer is not None:
             assert stats is not None
             self.mass.append(stats[0])
@@ -154,7 +154,7 @@ class Generation:
         """Feed tokens int64 [B] (generated at the previous step); returns logits [B, V]."""
         dec = self.dec
         self.step_index += 1
-        pos = self.seen.clone()
+        pos = self.seen  # self.seen is replaced below, never written in place
         self.seen = self.seen + 1
         h = dec.model.get_input_embeddings()(tokens)[:, None]
         full = self.cache.full
