@@ -42,9 +42,8 @@ def _too_big(capacity: int, n: int) -> bool:
 class _Group:
     """Buffers, length and slot layout of consecutive layers sharing one layout."""
 
-    def __init__(self, layers: range, pruned: bool) -> None:
+    def __init__(self, layers: range) -> None:
         self.layers = layers
-        self.pruned = pruned
         self.keys: list[Tensor | None] = [None] * len(layers)
         self.values: list[Tensor | None] = [None] * len(layers)
         self.capacity = 0
@@ -207,8 +206,8 @@ class PruningCache(Cache):
 
     def __init__(self, num_layers: int, first_pruned_layer: int | None) -> None:
         k = num_layers if first_pruned_layer is None else int(first_pruned_layer)
-        self.full = _Group(range(0, k), pruned=False)
-        self.pruned = _Group(range(k, num_layers), pruned=True) if k < num_layers else None
+        self.full = _Group(range(0, k))
+        self.pruned = _Group(range(k, num_layers)) if k < num_layers else None
         views = [
             _LayerView(self.group(i), i - self.group(i).layers.start) for i in range(num_layers)
         ]
