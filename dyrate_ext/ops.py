@@ -77,6 +77,27 @@ def attention_stats_from_probs(
     return _attention_stats_from_probs(probs, token_type, num_types)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work on `device` is being captured into a CUDA graph right now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _small_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[len(values)] on `device` from Python numbers, without waiting for the device.
+
+    Outside a CUDA graph capture: one non-blocking copy (a blocking one would wait for the
+    whole stream). Under capture a host-to-device copy of a pageable buffer is illegal (or
+    replays a freed buffer), so each value becomes a fill kernel and is baked into the graph,
+    as a scalar rate already is.
+    """
+    if not _capturing(device):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
+
+
 def _as_counts(
     keep_count: int | Sequence[int] | Tensor, batch: int, device: torch.device
 ) -> Tensor:
@@ -86,11 +107,10 @@ def _as_counts(
         if keep_count < 0:
             raise ValueError(f"keep_count must be >= 0, got {keep_count}")
         return torch.full((batch,), keep_count, dtype=torch.int64, device=device)
-    counts = list(keep_count)
-    if any(int(c) < 0 for c in counts):
+    counts = [int(c) for c in keep_count]
+    if any(c < 0 for c in counts):
         raise ValueError(f"keep_count must be >= 0, got {counts}")
-    # Non-blocking: a blocking copy to a GPU would wait for the whole stream.
-    return torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True)
+    return _small_tensor(counts, torch.int64, device)
 
 
 def select_keep(

@@ -48,27 +48,6 @@ class PruneResult:
     length: int | None
 
 
-def _capturing(device: torch.device) -> bool:
-    """Whether work on `device` is being captured into a CUDA graph right now."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _small_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[len(values)] on `device` from Python numbers, without waiting for the device.
-
-    Outside a CUDA graph capture: one non-blocking copy (a blocking one would wait for the
-    whole stream). Under capture a host-to-device copy of a pageable buffer is illegal (or
-    replays a freed buffer), so each value becomes a fill kernel and is baked into the graph,
-    as a scalar rate already is.
-    """
-    if not _capturing(device):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-    out = torch.empty(len(values), dtype=dtype, device=device)
-    for i, v in enumerate(values):
-        out[i].fill_(v)
-    return out
-
-
 def keep_count_from_rate(
     token_type: Tensor, rate: float | Sequence[float] | Tensor, target_type: int = TokenType.IMAGE
 ) -> Tensor:
@@ -96,7 +75,7 @@ def keep_count_from_rate(
             # A fill kernel: no host-to-device copy, so no sync and capturable in a CUDA graph.
             r = torch.full((), values[0], dtype=torch.float64, device=token_type.device)
         else:
-            r = _small_tensor(values, torch.float64, token_type.device)
+            r = ops._small_tensor(values, torch.float64, token_type.device)
     return n - torch.floor(r * n.to(torch.float64) + RATE_EPS).to(torch.int64)
 
 
@@ -181,10 +160,6 @@ def prune_kv(
     counts: int | Sequence[int] | Tensor
     if rate is not None:
         counts = keep_count_from_rate(token_type, rate, target_type)
-    elif isinstance(keep_count, (list, tuple)):
-        if any(int(c) < 0 for c in keep_count):
-            raise ValueError(f"keep_count must be >= 0, got {list(keep_count)}")
-        counts = _small_tensor([int(c) for c in keep_count], torch.int64, token_type.device)
     else:
         assert keep_count is not None  # exactly one of rate and keep_count was given
         counts = keep_count

@@ -117,7 +117,7 @@ def test_list_forms_under_capture_copy_nothing_from_the_host(amount, gen, monkey
     pageable host memory: prune_kv builds it with fill kernels instead. The capture state is
     faked here (the decision is the same code on every device); the real capture + replays run
     in test_cuda_ops.py."""
-    from dyrate_ext import prune
+    from dyrate_ext import ops
 
     types, cache, q = setup_case(gen)
     expected_cache = [(k.clone(), v.clone()) for k, v in cache]
@@ -128,8 +128,8 @@ def test_list_forms_under_capture_copy_nothing_from_the_host(amount, gen, monkey
     def no_host_copy(*args, **kwargs):
         raise AssertionError("torch.tensor (a host buffer) used under capture")
 
-    monkeypatch.setattr(prune, "_capturing", lambda device: True)
-    monkeypatch.setattr(prune.torch, "tensor", no_host_copy)
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    monkeypatch.setattr(ops.torch, "tensor", no_host_copy)
     res = dyrate_ext.prune_kv(cache, types, query=q, key=key, **amount)
     monkeypatch.undo()
     assert torch.equal(res.new_length, eager.new_length)
@@ -140,6 +140,6 @@ def test_list_forms_under_capture_copy_nothing_from_the_host(amount, gen, monkey
 
 
 def test_capture_state_is_false_off_cuda():
-    from dyrate_ext import prune
+    from dyrate_ext import ops
 
-    assert prune._capturing(torch.device("cpu")) is False
+    assert ops._capturing(torch.device("cpu")) is False
