@@ -10,7 +10,8 @@ lives elsewhere; an untrained or hand-initialised predictor runs as is.
 
 Weights are saved with safetensors, the shape in the file's metadata, so `RatePredictor.load`
 needs nothing but the path; `save(path, metadata=...)` adds entries such as what a trained
-predictor was trained for, read back with `RatePredictor.metadata(path)`. safetensors is imported only by `save` and `load`.
+predictor was trained for, read back with `RatePredictor.metadata(path)`. safetensors is
+imported only by `save` and `load`.
 """
 
 from __future__ import annotations
