@@ -25,6 +25,7 @@ from llava_utils import prompts as llava_prompts
 from torch import Tensor
 
 from dyrate_ext.hf._compat import decoder_layers
+from dyrate_ext.llava.embedded import peak_text_weights
 
 VOCAB = 200
 IMAGE, VIDEO, VSTART, VEND = 190, 191, 192, 193
@@ -45,15 +46,6 @@ def _text_kwargs() -> dict:
         bos_token_id=1,
         eos_token_id=2,
     )
-
-
-def _peaked(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
-                std = 0.1 if ("q_proj" in name or "k_proj" in name) else 0.02
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def _qwen_vl(version: str, seed: int):
@@ -180,7 +172,7 @@ def tiny_model(family: str, attn: str = "eager", seed: int = 0) -> torch.nn.Modu
         model = _smolvlm(seed)
     else:
         raise ValueError(f"unknown family {family!r}")
-    _peaked(model, seed)
+    peak_text_weights(model, seed + 1, std=0.02, qk_std=0.1)
     model.set_attn_implementation(attn)
     return model
 

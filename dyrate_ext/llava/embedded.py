@@ -66,6 +66,7 @@ __all__ = [
     "image_mass",
     "llava_config",
     "llava_prompt",
+    "peak_text_weights",
 ]
 
 PROMPT_TEMPLATE = "{system}USER: <image>\n{question} ASSISTANT:"
@@ -285,6 +286,18 @@ def llava_config(
     )
 
 
+def peak_text_weights(model: torch.nn.Module, seed: int, std: float, qk_std: float) -> None:
+    """Redraw the text model's matrices (and lm_head) from N(0, std^2), q_proj and k_proj from
+    N(0, qk_std^2), in parameter order from a generator seeded with `seed`: peaked attention
+    in a random model (see EmbeddedConfig)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
+                scale = qk_std if ("q_proj" in name or "k_proj" in name) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
 def embedded_llava(
     config: EmbeddedConfig, vocab_size: int, image_token_id: int = 4
 ) -> LlavaForConditionalGeneration:
@@ -300,12 +313,7 @@ def embedded_llava(
     llava = llava_config(c, vocab_size, image_token_id)
     torch.manual_seed(c.seed)
     model = LlavaForConditionalGeneration(llava).eval()
-    gen = torch.Generator().manual_seed(c.seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
-                std = c.qk_std if ("q_proj" in name or "k_proj" in name) else c.std
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    peak_text_weights(model, c.seed + 1, c.std, c.qk_std)
     model.set_attn_implementation(c.attn_implementation)
     model.generation_config.pad_token_id = 3
     model.generation_config.eos_token_id = 2
