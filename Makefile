@@ -1,11 +1,13 @@
-# make test  - install what is missing into .venv, build every flavour, run the tests
+# make test  - install what is missing into .venv, build every flavour, run the fast test tier
+# make test-full - the same, the full test tier (the tiers are defined in conftest.py)
 # make demo  - install, build, run every pruning policy on an embedded LLaVA-1.5-shaped model
 #              (python -m dyrate_ext.demo: tokens, kept image tokens, FLOPs, times, a plot)
 # make train-vlm, train-predictor, eval - train the tiny LLaVA and its DyRate predictors, then
 #              score every policy's captions against FLOPs (bench/results/eval.*)
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
 # make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench_ops.py --quick)
-# make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16;
+# make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16, through
+#                    the reference loop and model.generate() interleaved (3 repeats);
 #                    writes bench/results/e2e.{json,md} and the README section
 PY ?= python3
 VENV := .venv
@@ -13,7 +15,7 @@ VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e bench-e2e-hf build other-builds lint format clean \
+.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
 	train-vlm train-predictor eval
 
 $(VENV)/.deps: requirements-dev.txt
@@ -46,13 +48,15 @@ build-cmake/.built: $(VENV)/.deps $(SOURCES)
 
 other-builds: build-cpu/.built build-cmake/.built
 
-# The fast tier plus the CUDA kernels on the SIMT emulator: the one check of the CUDA code
-# that needs no GPU.
+# The test tiers are defined in conftest.py (the rootdir one) alone; these targets only name one.
+# fast (CI): every test not marked slow, the CUDA kernels on the SIMT emulator included (the
+# one check of the CUDA code that needs no GPU) and a smoke run of every command. full: every
+# test (the large grids stay off the emulator). PYTEST_ARGS adds options, e.g. "-k demo -x".
 test: build other-builds
-	$(VPY) -m pytest python_tests -m "not slow or emulated"
+	$(VPY) -m pytest python_tests --tier fast --durations=10 $(PYTEST_ARGS)
 
 test-full: build other-builds
-	$(VPY) -m pytest python_tests -m "slow or not slow"
+	$(VPY) -m pytest python_tests --tier full --durations=10 $(PYTEST_ARGS)
 
 # Options go through DEMO_ARGS, e.g. make demo DEMO_ARGS="--random-model --engine hf".
 demo: build
@@ -86,31 +90,25 @@ bench-quick: build
 
 bench-e2e: build
 	mkdir -p bench/results
-	$(VPY) bench/e2e.py --out bench/results/e2e.json
+	$(VPY) bench/e2e.py --engine both --repeats 3 --out bench/results/e2e.json
 	$(VPY) bench/e2e_report.py bench/results/e2e.json
 	$(VPY) tools/readme_sections.py README.md bench:e2e bench/results/e2e.md
-
-# The same policies through Hugging Face's model.generate() (dyrate_ext.hf) and vanilla generate().
-bench-e2e-hf: build
-	mkdir -p bench/results
-	$(VPY) bench/e2e.py --engine hf --out bench/results/e2e_hf.json
-	$(VPY) bench/e2e_report.py bench/results/e2e_hf.json
-	$(VPY) tools/readme_sections.py README.md bench:e2e-hf bench/results/e2e_hf.md
 
 bench: build
 	$(VPY) bench/bench_ops.py --device cpu --out bench/results/ops-cpu.json
 	$(VPY) tools/readme_sections.py README.md bench:cpu bench/results/ops-cpu.md
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py
-	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py conftest.py
+	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py conftest.py
 	$(VENV)/bin/mypy
 	$(VPY) tools/check_sizes.py dyrate_ext bench
+	$(VPY) tools/check_deps.py
 	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 format: $(VENV)/.deps
-	$(VENV)/bin/ruff format dyrate_ext python_tests bench tools setup.py
-	$(VENV)/bin/ruff check --fix dyrate_ext python_tests bench tools setup.py
+	$(VENV)/bin/ruff format dyrate_ext python_tests bench tools setup.py conftest.py
+	$(VENV)/bin/ruff check --fix dyrate_ext python_tests bench tools setup.py conftest.py
 	$(VENV)/bin/clang-format -i --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 clean:

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-import cases
-import eager
 import torch
 
+if not __package__:  # run as `python bench/bench_ops.py`: the repository root, for `bench.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import dyrate_ext
+from bench import cases, eager
 from dyrate_ext.results import format_table, run_metadata, write_results
 from dyrate_ext.testing import LLAVA_7B, LlavaShape
 from dyrate_ext.timing import copy_bandwidth, median_ms

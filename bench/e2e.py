@@ -3,7 +3,7 @@
     python bench/e2e.py [--out bench/results/e2e.json] [--batch-sizes 1 4 16] ...
     python bench/e2e_report.py bench/results/e2e.json --readme README.md    (`make bench-e2e`)
 
-Model: the embedded LLaVA-1.5-shaped model of `dyrate_ext.llava.embedded` (576 image tokens per
+Model: the embedded LLaVA-1.5-shaped model of `dyrate_ext.embedded` (576 image tokens per
 336-pixel image, LLaVA-1.5's chat template, random weights from a fixed seed) with a decoder
 sized for a small CPU machine: 16 layers, width 512, 8 heads, MLP 1376, float32. A batch of B
 prompts has B different pictures and questions (so the prompts are left-padded).
@@ -22,17 +22,18 @@ Measured per policy and batch size:
   length and layers >= k at the pruned one (`trace.cache_length`, padded to the batch's
   longest row), times B * H_kv * D * 2 (keys, values) * bytes per element: the memory of a
   cache sized to what it holds;
-- allocated KV cache: what `dyrate_ext.llava.generate` allocates, every layer at prompt +
-  max_new_tokens slots, the same for every policy (the reference loop compacts in place and
-  does not give memory back); on CUDA also torch.cuda.max_memory_allocated of the run;
+- allocated KV cache: the bytes the engine's cache buffers really hold (peak over steps; both
+  engines use `dyrate_ext.slots`' storage, which follows the live slots; `held_vs_live_kv` is
+  the largest ratio of held to live bytes); on CUDA also torch.cuda.max_memory_allocated;
 - decoder FLOPs (`dyrate_ext.flops`) as % of NoPrune at the same batch size.
-Ratios to NoPrune come from the same run.
+Ratios to NoPrune come from the same run and engine.
 
-`--engine hf` runs the same policies through Hugging Face's own `model.generate()` inside
-`dyrate_ext.hf.pruning` instead of the reference loop; the allocated KV cache is then the
-bytes the PruningCache really holds (peak over steps; `held_vs_live_kv` is its largest ratio
-to the live slots), and a "generate()" row per batch size times vanilla `model.generate()`
-(no pruning, transformers' DynamicCache, whose bytes are its peak).
+`--engine` picks the engine: `loop` (the reference loop), `hf` (Hugging Face's own
+`model.generate()` inside `dyrate_ext.hf.pruning`, plus a "generate()" row per batch size that
+times vanilla `model.generate()`: no pruning, transformers' DynamicCache, whose bytes are its
+peak) or `both` (`make bench-e2e`): every policy through both engines, interleaved run by run
+(the order alternating between repeats), so `hf_vs_loop` - generate()'s decode tokens/s over
+the loop's for the same policy - compares runs that met the same machine.
 
 Size: this docstring and one benchmark's config, runs, rows and command line, both engines;
 the tables are bench/e2e_report.py's.
@@ -50,10 +51,8 @@ from typing import Any
 
 import torch
 
-from dyrate_ext.demo import make_policies, run_policy
-from dyrate_ext.flops import DecoderShape, trace_flops
-from dyrate_ext.llava import GenerateOutput, NoPrune, Policy
-from dyrate_ext.llava.embedded import (
+from dyrate_ext.demo import generate_timed, make_policies
+from dyrate_ext.embedded import (
     LLAVA_15_SYSTEM,
     EmbeddedConfig,
     build_processor,
@@ -63,6 +62,8 @@ from dyrate_ext.llava.embedded import (
     hand_set_predictor,
     llava_prompt,
 )
+from dyrate_ext.flops import DecoderShape, trace_flops
+from dyrate_ext.llava import GenerateOutput, NoPrune, Policy
 from dyrate_ext.results import run_metadata, write_results
 from dyrate_ext.timing import StepClock
 
@@ -148,18 +149,11 @@ def peak_live_kv_bytes(out: GenerateOutput, model: Any) -> int:
     pruned length) times the bytes of a slot: the memory of a cache sized to its contents."""
     trace = out.trace
     layers = DecoderShape.from_config(model).num_layers
-    k = layers if trace.first_pruned_layer is None else trace.first_pruned_layer
+    k = layers if trace.k is None else trace.k
     lengths = trace.cache_length.to(torch.int64)
     slots = k * lengths[:, 0] + (layers - k) * lengths[:, 1]
     batch = trace.kept_image.shape[1]
     return int(slots.max()) * _kv_bytes_per_slot(model, batch)
-
-
-def allocated_kv_bytes(out: GenerateOutput, model: Any) -> int:
-    """What the reference loop allocates: every layer at prompt + max_new_tokens slots."""
-    batch, total = out.sequences.shape
-    layers = DecoderShape.from_config(model).num_layers
-    return layers * total * _kv_bytes_per_slot(model, batch)
 
 
 def vanilla_generate(
@@ -185,12 +179,12 @@ def vanilla_generate(
     return held, clock
 
 
-def _hf_columns(row: dict[str, Any], runs: list[tuple[Any, ...]]) -> None:
-    """engine "hf": the bytes the PruningCache held (peak over steps) as allocated_kv_mib, and
-    the largest ratio of held to live bytes over the steps (the reallocation policy's slack)."""
-    hf_trace = runs[0][0].hf_trace
-    row["allocated_kv_mib"] = int(hf_trace.cache_bytes.max()) / 2**20
-    ratio = hf_trace.cache_bytes.double() / hf_trace.live_bytes.double()
+def _held_columns(row: dict[str, Any], runs: list[tuple[Any, ...]]) -> None:
+    """The bytes the engine's cache held (peak over steps) as allocated_kv_mib, and the largest
+    ratio of held to live bytes over the steps (the storage rule's slack)."""
+    trace = runs[0][0].trace
+    row["allocated_kv_mib"] = int(trace.cache_bytes.max()) / 2**20
+    ratio = trace.cache_bytes.double() / trace.live_bytes.double()
     row["held_vs_live_kv"] = float(ratio.max())
 
 
@@ -198,7 +192,8 @@ def _vanilla_row(base: dict[str, Any], runs: list[tuple[int, StepClock]], batch:
     """The "generate()" row from vanilla runs, with NoPrune's row (`base`) for the ratios."""
     decode_s = statistics.median(c.decode_seconds for _, c in runs)
     held = max(h for h, _ in runs) / 2**20
-    row = dict(base, policy="generate()", cuda_peak_mib=None, held_vs_live_kv=1.0)
+    row = dict(base, policy="generate()", engine="vanilla", cuda_peak_mib=None)
+    row["held_vs_live_kv"] = 1.0
     row.update(
         tokens_per_s=batch * runs[0][1].decode_steps / decode_s if decode_s > 0 else float("nan"),
         decode_s=decode_s,
@@ -220,21 +215,20 @@ def _policy_row(
     cuda_peaks = [r[2] for r in runs if r[2] is not None]
     row = {
         "policy": name,
+        "engine": engine,
         "batch": batch,
         "tokens_per_s": batch * decode_steps / decode_s if decode_s > 0 else float("nan"),
         "decode_s": decode_s,
         "prefill_s": statistics.median(r[1].prefill_seconds for r in runs),
         "decode_steps": decode_steps,
         "peak_live_kv_mib": peak_live_kv_bytes(out, model) / 2**20,
-        "allocated_kv_mib": allocated_kv_bytes(out, model) / 2**20,
         "cuda_peak_mib": max(cuda_peaks) / 2**20 if cuda_peaks else None,
         "mean_kept_image": float(out.trace.kept_image.double().mean()),
         "flops": trace_flops(out.trace, shape).total,
         "dyrate_high": None,
         "dyrate_low": None,
     }
-    if engine == "hf":
-        _hf_columns(row, runs)
+    _held_columns(row, runs)
     return row
 
 
@@ -268,86 +262,103 @@ def _meta(
     return meta
 
 
-def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the benchmark; returns {"meta": ..., "rows": [...]} (one row per policy and batch).
+def _engines(config: E2EConfig) -> tuple[str, ...]:
+    return ("loop", "hf") if config.engine == "both" else (config.engine,)
 
-    Row keys: policy, batch, tokens_per_s, decode_s, prefill_s, decode_steps,
-    peak_live_kv_mib, allocated_kv_mib, cuda_peak_mib (None on CPU), mean_kept_image,
-    flops_pct, tokens_per_s_vs_noprune, peak_live_kv_vs_noprune, prefill_vs_noprune. With
-    engine "hf" also held_vs_live_kv, and a row "generate()" per batch size: vanilla
-    `model.generate()` (its DynamicCache's bytes as peak_live_kv_mib and allocated_kv_mib).
-    """
-    from tqdm.auto import tqdm
 
-    device = torch.device(config.device)
-    tokenizer = build_tokenizer()
-    mcfg = config.model_config()
-    processor = build_processor(tokenizer, image_size=mcfg.image_size, patch_size=mcfg.patch_size)
-    model = embedded_llava(mcfg, vocab_size=len(tokenizer)).to(device)
+def _batch_rows(
+    config: E2EConfig, model: Any, tokenizer: Any, inputs: dict, bar: Any
+) -> list[dict[str, Any]]:
+    """Every policy (and vanilla generate() with engine "hf") at one batch size."""
+    batch = inputs["input_ids"].shape[0]
+    device = model.lm_head.weight.device
     shape = DecoderShape.from_config(model)
-    steps = config.max_new_tokens
-    rows: list[dict[str, Any]] = []
-    n_policies = 6 + (config.engine == "hf")
-    bar = tqdm(
-        total=sum(config.batch_sizes) * steps * (1 + n_policies * config.repeats),
-        unit="tok",
-        disable=None if progress else True,
-        file=sys.stderr,
-        leave=False,
-    )
-    prompt_lengths = {}
-    for batch in config.batch_sizes:
-        inputs = make_batch(processor, batch, device)
-        prompt_lengths[batch] = inputs["input_ids"].shape[1]
+    steps, pad = config.max_new_tokens, tokenizer.pad_token_id
+    engines = _engines(config)
 
-        def run(policy: Policy, batch: int = batch, inputs: dict = inputs) -> tuple[Any, ...]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            out, clock = run_policy(
-                model,
-                inputs,
-                policy,
-                steps,
-                None,
-                tokenizer.pad_token_id,
-                lambda: bar.update(batch),
-                config.engine,
-            )
-            cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            return out, clock, cuda_peak
-
-        bar.set_description(f"B={batch} calibration")
-        stats_layer = config.dyrate_k - 1
-        calib, _, _ = run(NoPrune(stats_layer=stats_layer))
-        predictor, high, low = hand_set_predictor(calib.trace, shape.num_heads, config.dyrate_rates)
-        policies, skipped = make_policies(
-            shape.num_layers, predictor, config.dyrate_k, config.mass_p, config.mass_k
+    def run(policy: Policy, engine: str) -> tuple[Any, ...]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out, clock = generate_timed(
+            model, inputs, policy, steps, None, pad, lambda: bar.update(batch), engine
         )
-        policies = [("NoPrune", NoPrune()), *policies]
-        if skipped:
-            bar.total -= batch * steps * config.repeats * len(skipped)
-        samples: dict[str, list[tuple[Any, ...]]] = {name: [] for name, _ in policies}
-        vanilla: list[tuple[int, StepClock]] = []
-        for _ in range(config.repeats):
-            for name, policy in policies:
-                bar.set_description(f"B={batch} {name}")
-                samples[name].append(run(policy))
-            if config.engine == "hf":
-                bar.set_description(f"B={batch} generate()")
-                pad = tokenizer.pad_token_id
-                vanilla.append(
-                    vanilla_generate(model, inputs, steps, pad, lambda b=batch: bar.update(b))
-                )
+        cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return out, clock, cuda_peak
+
+    bar.set_description(f"B={batch} calibration")
+    calib, _, _ = run(NoPrune(scoring_layer=config.dyrate_k - 1), engines[0])
+    predictor, high, low = hand_set_predictor(calib.trace, shape.num_heads, config.dyrate_rates)
+    policies, skipped = make_policies(
+        shape.num_layers, predictor, config.dyrate_k, config.mass_p, config.mass_k
+    )
+    policies = [("NoPrune", NoPrune()), *policies]
+    if skipped:
+        bar.total -= batch * steps * config.repeats * len(skipped) * len(engines)
+    samples: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    vanilla: list[tuple[int, StepClock]] = []
+    for repeat in range(config.repeats):
+        for name, policy in policies:
+            order = engines if repeat % 2 == 0 else engines[::-1]
+            for engine in order:  # interleaved: both engines meet the same machine
+                bar.set_description(f"B={batch} {name} [{engine}]")
+                samples.setdefault((engine, name), []).append(run(policy, engine))
+        if "hf" in engines:
+            bar.set_description(f"B={batch} generate()")
+            vanilla.append(vanilla_generate(model, inputs, steps, pad, lambda: bar.update(batch)))
+    rows: list[dict[str, Any]] = []
+    for engine in engines:
         base: dict[str, Any] = {}
         for name, _ in policies:
-            row = _policy_row(name, samples[name], batch, model, shape, config.engine)
+            row = _policy_row(name, samples[(engine, name)], batch, model, shape, engine)
             if name.startswith("DyRate"):
                 row["dyrate_high"], row["dyrate_low"] = high, low
             base = base or row  # NoPrune comes first
             _ratios(row, base)
             rows.append(row)
-        if vanilla:
+        if engine == "hf" and vanilla:
             rows.append(_vanilla_row(base, vanilla, batch))
+    loop = {r["policy"]: r for r in rows if r["engine"] == "loop"}
+    for r in rows:
+        if r["engine"] == "hf" and r["policy"] in loop:
+            r["hf_vs_loop"] = r["tokens_per_s"] / loop[r["policy"]]["tokens_per_s"]
+    return rows
+
+
+def run_e2e(config: E2EConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark; returns {"meta": ..., "rows": [...]} (one row per policy, engine and
+    batch size).
+
+    Row keys: policy, engine, batch, tokens_per_s, decode_s, prefill_s, decode_steps,
+    peak_live_kv_mib, allocated_kv_mib, held_vs_live_kv, cuda_peak_mib (None on CPU),
+    mean_kept_image, flops_pct, tokens_per_s_vs_noprune, peak_live_kv_vs_noprune,
+    prefill_vs_noprune; with both engines, hf rows also hf_vs_loop. With engine "hf" (or
+    "both") a row "generate()" (engine "vanilla") per batch size: vanilla `model.generate()`
+    (its DynamicCache's bytes as peak_live_kv_mib and allocated_kv_mib).
+    """
+    from tqdm.auto import tqdm
+
+    if config.engine not in ("loop", "hf", "both"):
+        raise ValueError(f"engine must be loop, hf or both, got {config.engine!r}")
+    device = torch.device(config.device)
+    tokenizer = build_tokenizer()
+    mcfg = config.model_config()
+    processor = build_processor(tokenizer, image_size=mcfg.image_size, patch_size=mcfg.patch_size)
+    model = embedded_llava(mcfg, vocab_size=len(tokenizer)).to(device)
+    engines = _engines(config)
+    runs = 1 + (6 * len(engines) + ("hf" in engines)) * config.repeats
+    bar = tqdm(
+        total=sum(config.batch_sizes) * config.max_new_tokens * runs,
+        unit="tok",
+        disable=None if progress else True,
+        file=sys.stderr,
+        leave=False,
+    )
+    rows: list[dict[str, Any]] = []
+    prompt_lengths = {}
+    for batch in config.batch_sizes:
+        inputs = make_batch(processor, batch, device)
+        prompt_lengths[batch] = inputs["input_ids"].shape[1]
+        rows += _batch_rows(config, model, tokenizer, inputs, bar)
     bar.close()
     meta = _meta(config, device, model, prompt_lengths)
     return {"meta": meta, "rows": rows}
@@ -373,9 +384,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--engine",
         default=d.engine,
-        choices=["loop", "hf"],
+        choices=["loop", "hf", "both"],
         help="loop: dyrate_ext.llava.generate; hf: model.generate() under dyrate_ext.hf.pruning, "
-        "plus a vanilla model.generate() row",
+        "plus a vanilla model.generate() row; both: the two interleaved (and the vanilla row)",
     )
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -404,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     write_results(args.out, result["meta"], result["rows"])
     for r in result["rows"]:
         print(
-            f"B={r['batch']:>2} {r['policy']:<26} {r['tokens_per_s']:8.1f} tok/s "
+            f"B={r['batch']:>2} {r['policy']:<26} [{r['engine']:<7}] {r['tokens_per_s']:8.1f} tok/s "
             f"({r['tokens_per_s_vs_noprune']:.2f}x)  prefill {r['prefill_s']:.2f} s  "
             f"live KV {r['peak_live_kv_mib']:7.1f} MiB ({r['peak_live_kv_vs_noprune']:.2f}x)  "
             f"FLOPs {r['flops_pct']:.1f}%"

@@ -2,21 +2,19 @@
 
     python bench/e2e_report.py RESULTS.json
 
-Writes RESULTS.md beside the JSON: decode throughput (tokens/s) and peak live KV cache (MiB)
-per policy and batch size, each with its ratio to NoPrune at the same batch size, decoder
-FLOPs % and prefill time; `tools/readme_sections.py` puts it in the README (`make bench-e2e`).
+Writes RESULTS.md beside the JSON: per engine, decode throughput (tokens/s) and peak live KV
+cache (MiB) per policy and batch size, each with its ratio to NoPrune at the same batch size,
+decoder FLOPs % and prefill time; with both engines first generate()'s throughput over the
+loop's per policy. `tools/readme_sections.py` puts it in the README (`make bench-e2e`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from dyrate_ext.results import format_table, read_results
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
 def _table(rows: list[dict[str, Any]], batches: list[int], cell, header: str) -> list[str]:
@@ -36,44 +34,19 @@ ENGINES = {
 }
 
 
-def _memory_note(engine: str, alloc: dict[int, float], batches: list[int]) -> str:
-    """What the peak-memory table measures, per engine."""
-    head = (
-        "Peak live KV cache, MiB (ratio to NoPrune): slots held x bytes per slot, the memory "
-        "of a cache sized to its contents. "
-    )
-    if engine == "hf":
-        return head + (
-            "The PruningCache's buffers follow the live slots (allocated_kv_mib in the JSON is "
-            "the bytes it really held; held_vs_live_kv its largest ratio to the live slots)."
-        )
-    return head + (
-        "The reference loop itself allocates "
-        + ", ".join(f"{alloc[b]:.0f} MiB at B={b}" for b in batches if b in alloc)
-        + " for every policy (it compacts in place and keeps its buffers)."
-    )
+MEMORY_NOTE = (
+    "Peak live KV cache, MiB (ratio to NoPrune): slots held x bytes per slot, the memory of a "
+    "cache sized to its contents. Both engines' buffers follow the live slots "
+    "(dyrate_ext.slots: allocated_kv_mib in the JSON is the bytes really held, "
+    "held_vs_live_kv its largest ratio to the live slots)."
+)
 
 
-def markdown(data: dict[str, Any]) -> str:
-    """The results as markdown: a header line and three tables."""
-    meta, rows = data["meta"], data["rows"]
-    cfg = meta["config"]
-    batches = sorted({r["batch"] for r in rows})
-    lengths = ", ".join(
-        f"B={b}: {n}" for b, n in sorted(meta["prompt_length"].items(), key=lambda x: int(x[0]))
-    )
-    alloc = {r["batch"]: r["allocated_kv_mib"] for r in rows if r["policy"] == "NoPrune"}
-    lines = [
-        f"Measured {meta['date'][:10]} on {meta['machine']}, commit {meta['commit']}, with "
-        f"`{meta.get('command', 'python bench/e2e.py')}`.",
-        "",
-        f"Model: {meta['model']}. Prompts (padded length {lengths}): LLaVA-1.5 template, one "
-        f"picture and question per sample; {cfg['max_new_tokens']} new tokens each, no stop "
-        f"token; times are the median of {cfg['repeats']} run(s), policies interleaved. DyRate "
-        "uses the hand-set predictor (the trained ones belong to the tiny LLaVA, not this model). "
-        f"Engine: {ENGINES[cfg.get('engine', 'loop')]}.",
-        "",
-        "Decode throughput, tokens/s (ratio to NoPrune at the same batch size):",
+def _engine_section(rows: list[dict[str, Any]], batches: list[int], engine: str) -> list[str]:
+    """The three tables of one engine."""
+    return [
+        f"**Engine: {ENGINES[engine]}.** Decode throughput, tokens/s (ratio to NoPrune at the "
+        "same batch size):",
         "",
         *_table(
             rows,
@@ -82,7 +55,7 @@ def markdown(data: dict[str, Any]) -> str:
             "policy",
         ),
         "",
-        _memory_note(cfg.get("engine", "loop"), alloc, batches),
+        MEMORY_NOTE,
         "",
         *_table(
             rows,
@@ -101,8 +74,53 @@ def markdown(data: dict[str, Any]) -> str:
             ),
             "policy",
         ),
+        "",
     ]
-    return "\n".join(lines) + "\n"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results as markdown: a header line, the engines' comparison (when both ran) and
+    three tables per engine."""
+    meta, rows = data["meta"], data["rows"]
+    cfg = meta["config"]
+    batches = sorted({r["batch"] for r in rows})
+    lengths = ", ".join(
+        f"B={b}: {n}" for b, n in sorted(meta["prompt_length"].items(), key=lambda x: int(x[0]))
+    )
+    for r in rows:  # results written before rows named their engine
+        r.setdefault("engine", "vanilla" if r["policy"] == "generate()" else cfg["engine"])
+    engines = [e for e in ENGINES if any(r["engine"] == e for r in rows)]
+    lines = [
+        f"Measured {meta['date'][:10]} on {meta['machine']}, commit {meta['commit']}, with "
+        f"`{meta.get('command', 'python bench/e2e.py')}`.",
+        "",
+        f"Model: {meta['model']}. Prompts (padded length {lengths}): LLaVA-1.5 template, one "
+        f"picture and question per sample; {cfg['max_new_tokens']} new tokens each, no stop "
+        f"token; times are the median of {cfg['repeats']} run(s), policies interleaved"
+        + (", each run through both engines back to back" if len(engines) > 1 else "")
+        + ". DyRate uses the hand-set predictor (the trained ones belong to the tiny LLaVA, not "
+        "this model).",
+        "",
+    ]
+    if len(engines) > 1:
+        lines += [
+            "generate() vs the reference loop: decode tokens/s of `model.generate()` inside "
+            "`dyrate_ext.hf.pruning` over the loop's, same policy, same run:",
+            "",
+            *_table(
+                [r for r in rows if "hf_vs_loop" in r],
+                batches,
+                lambda r: f"{r['hf_vs_loop']:.2f}x",
+                "policy",
+            ),
+            "",
+        ]
+    for engine in engines:
+        mine = [
+            r for r in rows if r["engine"] == engine or (engine, r["engine"]) == ("hf", "vanilla")
+        ]
+        lines += _engine_section(mine, batches, engine)
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -40,15 +40,15 @@ print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| 
 PY
 
 echo "== CUDA tests"
-DYRATE_EXPECT_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+DYRATE_EXPECT_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider --tier full -m cuda \
   python_tests/test_cuda_registration.py python_tests/test_cuda_ops.py \
   python_tests/test_attention_stats.py python_tests/test_select_keep.py \
-  python_tests/test_compact.py python_tests/test_opcheck.py
+  python_tests/test_compact.py python_tests/test_compact_paged.py python_tests/test_opcheck.py
 
 echo "== overlap refusal and CUDA-graph capture"
-"$PY" -m pytest -q -rA -p no:cacheprovider -m cuda python_tests/test_compact.py \
+"$PY" -m pytest -q -rA -p no:cacheprovider --tier full -m cuda python_tests/test_compact.py \
   -k "overlap or disjoint"
-"$PY" -m pytest -q -rA -p no:cacheprovider -m cuda python_tests/test_cuda_ops.py \
+"$PY" -m pytest -q -rA -p no:cacheprovider --tier full -m cuda python_tests/test_cuda_ops.py \
   -k "graph or no_host_sync"
 
 echo "== compute-sanitizer"

@@ -275,10 +275,9 @@ def compare(rows: list[dict[str, object]], results: Path) -> str:
 
 def emulator_plan():
     """plan_attention_stats of the current source, through the SIMT-emulator build."""
-    sys.path.insert(0, str(ROOT / "tools" / "simt_emu"))
-    import build
+    from tools.simt_emu import build as simt_build
 
-    return build.build().plan_attention_stats
+    return simt_build.build().plan_attention_stats
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ TORCH_LIBRARY(dyrate, m) {
   m.def("compact_(Tensor(a!)[] tensors, Tensor keep_index, Tensor new_length) -> ()");
   // In-place gather of token_type with the same plan; -1 from new_length on.
   m.def("compact_token_type_(Tensor(a!) token_type, Tensor keep_index, Tensor new_length) -> ()");
+  // compact_ inside a paged KV cache: slot t of request b is in block block_table[b, t // block_size].
+  m.def("compact_paged_(Tensor(a!)[] caches, str[] layouts, Tensor block_table, Tensor keep_index, Tensor new_length) -> ()");
 }
 // clang-format on
 
@@ -25,6 +27,7 @@ TORCH_LIBRARY_IMPL(dyrate, CPU, m) {
   m.impl("select_keep", &dyrate::select_keep_cpu);
   m.impl("compact_", &dyrate::compact_cpu);
   m.impl("compact_token_type_", &dyrate::compact_token_type_cpu);
+  m.impl("compact_paged_", &dyrate::compact_paged_cpu);
 }
 
 #ifdef DYRATE_WITH_CUDA
@@ -34,5 +37,6 @@ TORCH_LIBRARY_IMPL(dyrate, CUDA, m) {
   m.impl("select_keep", &dyrate::select_keep_cuda);
   m.impl("compact_", &dyrate::compact_cuda);
   m.impl("compact_token_type_", &dyrate::compact_token_type_cuda);
+  m.impl("compact_paged_", &dyrate::compact_paged_cuda);
 }
 #endif

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dyrate {
@@ -198,9 +200,60 @@ void check_no_self_overlap(const at::Tensor& t, const std::string& name) {
 void check_disjoint(const at::Tensor& a, const std::string& a_name, const at::Tensor& b,
                     const std::string& b_name) {
   TORCH_CHECK(!may_overlap(a, b), a_name, " and ", b_name,
-              " overlap in memory (views of one buffer sharing elements); compact_ writes in "
+              " overlap in memory (views of one buffer sharing elements); compaction writes in "
               "place, so the result would depend on the order of the writes; pass disjoint "
               "tensors");
+}
+
+// Entry i of a list an op writes in place: no memory of it reachable twice, through an earlier
+// entry, or through a tensor the op reads.
+void check_writable_entry(at::TensorList tensors, size_t i, const char* list,
+                          std::initializer_list<std::pair<const at::Tensor*, const char*>> reads) {
+  const at::Tensor& t = tensors[i];
+  const std::string name = std::string(list) + "[" + std::to_string(i) + "]";
+  check_no_self_overlap(t, name);
+  for (size_t j = 0; j < i; ++j) {
+    const std::string other = std::string(list) + "[" + std::to_string(j) + "]";
+    TORCH_CHECK(!(t.numel() > 0 && t.data_ptr() == tensors[j].data_ptr()), name,
+                " is the same memory as ", other, "; each tensor may be listed once");
+    check_disjoint(t, name, tensors[j], other);
+  }
+  for (const auto& read : reads) check_disjoint(t, name, *read.first, read.second);
+}
+
+// Where a paged layout puts the block's slots (N), heads (H) and channels (D): dims 1..3 of
+// the cache in the order the layout names them.
+struct LayoutDims {
+  int slot, head, chan;
+};
+
+bool parse_layout(const std::string& layout, LayoutDims& dims) {
+  if (layout.size() != 3) return false;
+  int at[3] = {0, 0, 0};
+  for (int i = 0; i < 3; ++i) {
+    const size_t role = std::string("NHD").find(layout[i]);
+    if (role == std::string::npos || at[role] != 0) return false;
+    at[role] = i + 1;
+  }
+  dims = {at[0], at[1], at[2]};
+  return true;
+}
+
+// "[num_blocks, block_size, H, D]" in the order of `layout` (a valid one).
+std::string layout_shape(const std::string& layout) {
+  std::string shape = "[num_blocks";
+  for (const char c : layout) shape += c == 'N' ? ", block_size" : (c == 'H' ? ", H" : ", D");
+  return shape + "]";
+}
+
+void check_block_table(const at::Tensor& block_table, const at::Tensor& keep_index) {
+  check_rank(block_table, 2, "block_table", "[B, max_blocks]");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt || block_table.scalar_type() == at::kLong,
+              "block_table must be int32 or int64, got ", block_table.scalar_type());
+  TORCH_CHECK(block_table.size(0) == keep_index.size(0),
+              "block_table must have B = ", keep_index.size(0), " rows like keep_index, got shape ",
+              block_table.sizes());
+  check_same_device(block_table, keep_index, "block_table", "keep_index");
 }
 
 }  // namespace
@@ -267,15 +320,53 @@ void check_compact_args(at::TensorList tensors, const at::Tensor& keep_index,
                 " like keep_index, got shape ", t.sizes());
     check_last_dim_contiguous(t, name.c_str());
     check_same_device(t, keep_index, name.c_str(), "keep_index");
-    check_no_self_overlap(t, name);
-    for (size_t j = 0; j < i; ++j) {
-      TORCH_CHECK(!(t.numel() > 0 && t.data_ptr() == tensors[j].data_ptr()), name,
-                  " is the same memory as tensors[", j, "]; each tensor may be listed once");
-      check_disjoint(t, name, tensors[j], "tensors[" + std::to_string(j) + "]");
-    }
-    check_disjoint(t, name, keep_index, "keep_index");
-    check_disjoint(t, name, new_length, "new_length");
+    check_writable_entry(tensors, i, "tensors",
+                         {{&keep_index, "keep_index"}, {&new_length, "new_length"}});
   }
+}
+
+PagedDims check_compact_paged_args(at::TensorList caches, c10::ArrayRef<std::string> layouts,
+                                   const at::Tensor& block_table, const at::Tensor& keep_index,
+                                   const at::Tensor& new_length) {
+  check_index_pair(keep_index, new_length);
+  check_block_table(block_table, keep_index);
+  TORCH_CHECK(layouts.size() == caches.size(), "layouts must name one layout per tensor of ",
+              "caches: got ", layouts.size(), " layouts for ", caches.size(), " tensors");
+  PagedDims d;
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& t = caches[i];
+    const std::string name = "caches[" + std::to_string(i) + "]";
+    LayoutDims ld{};
+    TORCH_CHECK(parse_layout(layouts[i], ld), "layouts[", i, "] = \"", layouts[i],
+                "\" is not a paged layout: expected \"NHD\", \"HND\" or \"HDN\" (after the ",
+                "block index: the block's slots N, heads H and channels D, in any order)");
+    check_rank(t, 4, name.c_str(), layout_shape(layouts[i]).c_str());
+    const int64_t num_blocks = t.size(0), block_size = t.size(ld.slot);
+    if (i == 0) {
+      TORCH_CHECK(block_size >= 1, name, " has block_size 0 (shape ", t.sizes(), ")");
+      d.num_blocks = num_blocks;
+      d.block_size = block_size;
+    }
+    TORCH_CHECK(num_blocks == d.num_blocks && block_size == d.block_size, name,
+                " has num_blocks = ", num_blocks, " and block_size = ", block_size,
+                " but caches[0] has ", d.num_blocks, " and ", d.block_size,
+                "; the tensors share block_table, so all must have the same two");
+    check_last_dim_contiguous(t, name.c_str());
+    check_same_device(t, keep_index, name.c_str(), "keep_index");
+    check_writable_entry(
+        caches, i, "caches",
+        {{&keep_index, "keep_index"}, {&new_length, "new_length"}, {&block_table, "block_table"}});
+    d.caches.push_back({t.size(ld.head), t.size(ld.chan), t.stride(0), t.stride(ld.slot),
+                        t.stride(ld.head), t.stride(ld.chan)});
+  }
+  const int64_t L = keep_index.size(1);
+  if (!caches.empty()) {
+    const int64_t need = (L + d.block_size - 1) / d.block_size;
+    TORCH_CHECK(block_table.size(1) >= need, "block_table must have at least ceil(L / ",
+                "block_size) = ", need, " columns for L = ", L, " and block_size = ", d.block_size,
+                ", got shape ", block_table.sizes());
+  }
+  return d;
 }
 
 void check_compact_token_type_args(const at::Tensor& token_type, const at::Tensor& keep_index,
@@ -323,6 +414,71 @@ void check_keep_index_values(const at::Tensor& keep_index, const at::Tensor& new
                   " breaks the contract: kept slots must be strictly ascending and < L = ", L);
       prev = v;
     }
+  }
+}
+
+namespace {
+
+// One used entry of a block table: physical block, row, logical block, and whether the op
+// writes the block.
+struct BlockUse {
+  int64_t block, b, t;
+  bool written;
+};
+
+std::vector<BlockUse> block_uses(const at::Tensor& block_table, const at::Tensor& keep_index,
+                                 const at::Tensor& new_length, int64_t block_size) {
+  const int64_t* idx = keep_index.const_data_ptr<int64_t>();
+  const int64_t* len = new_length.const_data_ptr<int64_t>();
+  const bool wide = block_table.scalar_type() == at::kLong;
+  const int64_t sb = block_table.stride(0), st = block_table.stride(1);
+  std::vector<BlockUse> uses;
+  for (int64_t b = 0; b < keep_index.size(0); ++b) {
+    const int64_t n = len[b * new_length.stride(0)];
+    if (n == 0) continue;
+    const int64_t* row = idx + b * keep_index.stride(0);
+    const int64_t used = row[(n - 1) * keep_index.stride(1)] / block_size + 1;
+    std::vector<char> written(used, 0);
+    for (int64_t s = 0; s < n; ++s) {
+      if (row[s * keep_index.stride(1)] != s) written[s / block_size] = 1;
+    }
+    for (int64_t t = 0; t < used; ++t) {
+      const int64_t at = b * sb + t * st;
+      const int64_t p =
+          wide ? block_table.const_data_ptr<int64_t>()[at] : block_table.const_data_ptr<int>()[at];
+      uses.push_back({p, b, t, written[t] != 0});
+    }
+  }
+  return uses;
+}
+
+}  // namespace
+
+void check_block_table_values(const at::Tensor& block_table, const at::Tensor& keep_index,
+                              const at::Tensor& new_length, int64_t num_blocks,
+                              int64_t block_size) {
+  std::vector<BlockUse> uses = block_uses(block_table, keep_index, new_length, block_size);
+  for (const BlockUse& u : uses) {
+    TORCH_CHECK(u.block >= 0 && u.block < num_blocks, "block_table[", u.b, ", ", u.t,
+                "] = ", u.block, " is outside [0, num_blocks) = [0, ", num_blocks,
+                "); a row uses every logical block up to the one of its last kept slot");
+  }
+  std::stable_sort(uses.begin(), uses.end(),
+                   [](const BlockUse& x, const BlockUse& y) { return x.block < y.block; });
+  for (size_t i = 0; i < uses.size();) {
+    size_t j = i + 1, writer = uses[i].written ? i : uses.size();
+    for (; j < uses.size() && uses[j].block == uses[i].block; ++j) {
+      if (uses[j].written && writer == uses.size()) writer = j;
+    }
+    if (j - i > 1 && writer != uses.size()) {
+      const BlockUse& w = uses[writer];
+      const BlockUse& o = uses[writer == i ? i + 1 : i];
+      TORCH_CHECK(false, "block_table[", w.b, ", ", w.t, "] and block_table[", o.b, ", ", o.t,
+                  "] both name physical block ", w.block, ", which compact_paged_ rewrites in ",
+                  "place: a block that changes must belong to one request and one logical ",
+                  "block (blocks shared read-only, such as a prefix that does not move, are fine)");
+    }
+    i = j;
   }
 }
 

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -39,6 +40,14 @@ void compact_cpu(at::TensorList tensors, const at::Tensor& keep_index,
 void compact_token_type_cpu(const at::Tensor& token_type, const at::Tensor& keep_index,
                             const at::Tensor& new_length);
 
+// caches: paged block storage, block index first, then slots N, heads H, channels D in the
+// order layouts[i] names them ("NHD", "HND", "HDN", ...), the same num_blocks and block_size
+// for all, last dim contiguous; block_table int32 | int64 [B, max_blocks]; keep_index int64
+// [B, L] and new_length int64 [B] as for compact_cpu
+void compact_paged_cpu(at::TensorList caches, c10::ArrayRef<std::string> layouts,
+                       const at::Tensor& block_table, const at::Tensor& keep_index,
+                       const at::Tensor& new_length);
+
 #ifdef DYRATE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> attention_stats_cuda(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& token_type, double scale,
@@ -54,6 +63,9 @@ void compact_cuda(at::TensorList tensors, const at::Tensor& keep_index,
                   const at::Tensor& new_length);
 void compact_token_type_cuda(const at::Tensor& token_type, const at::Tensor& keep_index,
                              const at::Tensor& new_length);
+void compact_paged_cuda(at::TensorList caches, c10::ArrayRef<std::string> layouts,
+                        const at::Tensor& block_table, const at::Tensor& keep_index,
+                        const at::Tensor& new_length);
 #endif
 
 }  // namespace dyrate

@@ -16,6 +16,7 @@ from .ops import (
     attention_stats_from_probs,
     check_token_type,
     compact_,
+    compact_paged_,
     compact_token_type_,
     select_keep,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "attention_stats_from_probs",
     "check_token_type",
     "compact_",
+    "compact_paged_",
     "compact_token_type_",
     "extension_available",
     "has_kernel",

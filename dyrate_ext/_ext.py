@@ -48,4 +48,5 @@ OP_NAMES = (
     "select_keep",
     "compact_",
     "compact_token_type_",
+    "compact_paged_",
 )

@@ -57,6 +57,7 @@ __all__ = [
     "FlopsCount",
     "generation_flops",
     "layer_flops",
+    "step_lengths",
     "trace_flops",
 ]
 
@@ -195,6 +196,13 @@ class FlopsCount:
         return 100.0 * self.total / baseline.total
 
 
+Counts = Tensor | int | Sequence[int]
+"""A per-sample count: int64 [B], a list, or one int for every sample."""
+
+KeepCounts = Tensor | Sequence[int] | Sequence[Sequence[int]]
+"""Keep counts per step and sample: int64 [T, B], or [T] for one sample."""
+
+
 def _as_int64(x: Tensor | int | Sequence[int] | Sequence[Sequence[int]]) -> Tensor:
     return torch.as_tensor(x, dtype=torch.int64, device="cpu")
 
@@ -204,7 +212,7 @@ def generation_flops(
     prompt_length: Tensor | int | Sequence[int],
     num_image: Tensor | int | Sequence[int],
     kept_image: Tensor | Sequence[int] | Sequence[Sequence[int]],
-    first_pruned_layer: int | None,
+    k: int | None,
 ) -> FlopsCount:
     """FLOPs of a generation described by its keep counts, without running anything.
 
@@ -214,11 +222,35 @@ def generation_flops(
         num_image: int64 [B] (or an int), image tokens per prompt.
         kept_image: int64 [T, B] (or [T] for one sample), image tokens held by layers >= k
             after each step; row 0 is the prefill, so T - 1 decoding steps are counted.
-        first_pruned_layer: k in [1, N - 1], or None when no layer is pruned (kept_image is
+        k: k in [1, N - 1], or None when no layer is pruned (kept_image is
             then only used for T).
 
     Returns:
         FlopsCount with per_step [T, B].
+    """
+    t, full_length, pruned_length, k = step_lengths(shape, prompt_length, num_image, kept_image, k)
+    new = torch.where(t == 0, full_length, 1)  # [T, B]: tokens fed at each step
+    new_pruned = torch.where(t == 0, pruned_length, 1)
+    per_step = k * layer_flops(shape, new, full_length) + (shape.num_layers - k) * layer_flops(
+        shape, new_pruned, pruned_length
+    )
+    return FlopsCount(per_step=per_step, shape=shape)
+
+
+def step_lengths(
+    shape: DecoderShape,
+    prompt_length: Counts,
+    num_image: Counts,
+    kept_image: KeepCounts,
+    k: int | None,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The checked keep counts of a generation (arguments as `generation_flops`) as
+    (t, full, pruned, k): t int64 [T, 1] the step; full int64 [T, B] = n + t, the slots of
+    layers < k after step t; pruned int64 [T, B] = n - i + kept[t] + t, those of layers >= k;
+    k the first pruned layer (N when None).
+
+    Raises ValueError for a kept_image that is not [T] or [T, B] with T >= 1, counts outside
+    0 <= kept_image <= num_image <= prompt_length, or k outside [1, N - 1].
     """
     kept = _as_int64(kept_image)
     if kept.dim() == 1:
@@ -231,27 +263,19 @@ def generation_flops(
     if (images > n).any() or (kept > images).any() or (kept < 0).any():
         raise ValueError("need 0 <= kept_image <= num_image <= prompt_length")
     layers = shape.num_layers
-    if first_pruned_layer is not None and not 1 <= first_pruned_layer < layers:
-        raise ValueError(
-            f"first_pruned_layer must be in [1, {layers - 1}] or None, got {first_pruned_layer}"
-        )
-    k = layers if first_pruned_layer is None else int(first_pruned_layer)
+    if k is not None and not 1 <= k < layers:
+        raise ValueError(f"k must be in [1, {layers - 1}] or None, got {k}")
+    k = layers if k is None else int(k)
     t = torch.arange(steps, dtype=torch.int64)[:, None]  # [T, 1]
-    new = torch.where(t == 0, n, 1)  # [T, B]: tokens fed at each step
-    full_length = n + t  # [T, B]: slots of layers < k at each step
-    pruned_length = full_length - (images - kept)  # slots of layers >= k
-    new_pruned = torch.where(t == 0, pruned_length, 1)
-    per_step = k * layer_flops(shape, new, full_length) + (layers - k) * layer_flops(
-        shape, new_pruned, pruned_length
-    )
-    return FlopsCount(per_step=per_step, shape=shape)
+    full = n + t
+    return t, full, full - (images - kept), k
 
 
 def trace_flops(trace: Any, shape: DecoderShape) -> FlopsCount:
     """FLOPs of a `dyrate_ext.llava.generate` run from its Trace.
 
     Uses trace.token_type (real prompt tokens per sample: types >= 0), trace.num_image,
-    trace.kept_image [T, B] and trace.first_pruned_layer. Every sample is counted at every step
+    trace.kept_image [T, B] and trace.k. Every sample is counted at every step
     the loop ran (also after it emitted its stop token, as the loop still feeds it).
     """
     prompt_length = (trace.token_type >= 0).sum(dim=1).cpu()
@@ -260,5 +284,5 @@ def trace_flops(trace: Any, shape: DecoderShape) -> FlopsCount:
         prompt_length,
         trace.num_image.cpu(),
         trace.kept_image.cpu(),
-        trace.first_pruned_layer,
+        trace.k,
     )

@@ -37,6 +37,7 @@ _attention_stats_from_probs = _bind("attention_stats_from_probs")
 _select_keep = _bind("select_keep")
 _compact = _bind("compact_")
 _compact_token_type = _bind("compact_token_type_")
+_compact_paged = _bind("compact_paged_")
 
 
 def attention_stats(
@@ -146,6 +147,36 @@ def compact_(tensors: Sequence[Tensor], keep_index: Tensor, new_length: Tensor) 
 def compact_token_type_(token_type: Tensor, keep_index: Tensor, new_length: Tensor) -> None:
     """In place: token_type [B, L] compacted like the cache, -1 from new_length[b] on."""
     _compact_token_type(token_type, keep_index, new_length)
+
+
+def compact_paged_(
+    caches: Sequence[Tensor],
+    layouts: str | Sequence[str],
+    block_table: Tensor,
+    keep_index: Tensor,
+    new_length: Tensor,
+) -> None:
+    """compact_ inside a vLLM-style paged KV cache, in place, every tensor in one call.
+
+    Logical slot t of request b is slot t % block_size of physical block
+    block_table[b, t // block_size]. For s < new_length[b], slot s takes the old contents of
+    slot keep_index[b, s] (every head and channel); later slots and blocks no row uses keep
+    theirs. A block that changes must belong to one request; blocks shared read-only (a prefix
+    that does not move) are fine. The CPU op checks the values of keep_index and block_table;
+    the CUDA op does not (a host sync) and skips moves from or to an out-of-range block.
+
+    Args:
+        caches: paged block storage, block index first, any dtype, last dim contiguous; every
+            tensor has the same num_blocks and block_size (H and D may differ).
+        layouts: per tensor (or one for all), the order of the dims after the block index:
+            "NHD" [num_blocks, block_size, H, D] (vLLM's FlashAttention key/value caches),
+            "HND" [num_blocks, H, block_size, D], "HDN" [num_blocks, H, D, block_size] (keys
+            transposed within the block); any other order of N, H, D works too.
+        block_table: int32 or int64 [B, max_blocks], max_blocks >= ceil(L / block_size).
+        keep_index: int64 [B, L] as select_keep returns it; new_length: int64 [B].
+    """
+    names = [layouts] * len(caches) if isinstance(layouts, str) else list(layouts)
+    _compact_paged(list(caches), names, block_table, keep_index, new_length)
 
 
 def check_token_type(token_type: Tensor, num_types: int = NUM_TYPES) -> None:
@@ -310,9 +341,50 @@ def _compact_token_type_fake(token_type: Tensor, keep_index: Tensor, new_length:
     _check_token_type(token_type, keep_index.shape[0], keep_index.shape[1])
 
 
+def _compact_paged_fake(
+    caches: list[Tensor],
+    layouts: list[str],
+    block_table: Tensor,
+    keep_index: Tensor,
+    new_length: Tensor,
+) -> None:
+    _check_index_pair(keep_index, new_length)
+    _check_rank(block_table, 2, "block_table", "[B, max_blocks]")
+    torch._check(
+        block_table.dtype in (torch.int32, torch.int64),
+        lambda: f"block_table must be int32 or int64, got {block_table.dtype}",
+    )
+    b, length = keep_index.shape
+    _check_now(block_table.shape[0] == b, f"block_table must have B = {b} rows like keep_index")
+    _check_now(len(layouts) == len(caches), "layouts must name one layout per tensor of caches")
+    for i, (t, layout) in enumerate(zip(caches, layouts)):
+        _check_now(
+            len(layout) == 3 and sorted(layout) == ["D", "H", "N"],
+            f'layouts[{i}] = "{layout}" is not a paged layout',
+        )
+        dims = ", ".join({"N": "block_size"}.get(c, c) for c in layout)
+        _check_rank(t, 4, f"caches[{i}]", f"[num_blocks, {dims}]")
+        sizes = (t.shape[0], t.shape[1 + layout.index("N")])
+        if i == 0:
+            _check_now(sizes[1] >= 1, "caches[0] has block_size 0")
+            first = sizes
+        _check_now(
+            sizes[0] == first[0] and sizes[1] == first[1],
+            f"caches[{i}] has num_blocks = {sizes[0]} and block_size = {sizes[1]} but caches[0] "
+            f"has {first[0]} and {first[1]}",
+        )
+    if caches:
+        need = (length + first[1] - 1) // first[1]
+        _check_now(
+            block_table.shape[1] >= need,
+            f"block_table must have at least ceil(L / block_size) = {need} columns",
+        )
+
+
 if _ext.available():
     torch.library.register_fake("dyrate::attention_stats")(_attention_stats_fake)
     torch.library.register_fake("dyrate::attention_stats_from_probs")(_stats_from_probs_fake)
     torch.library.register_fake("dyrate::select_keep")(_select_keep_fake)
     torch.library.register_fake("dyrate::compact_")(_compact_fake)
     torch.library.register_fake("dyrate::compact_token_type_")(_compact_token_type_fake)
+    torch.library.register_fake("dyrate::compact_paged_")(_compact_paged_fake)

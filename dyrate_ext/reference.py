@@ -11,6 +11,9 @@ Shapes (see docs/DESIGN.md):
     token_score  float [B, L]
     keep_index   int64 [B, L]  kept slots ascending, then -1
     new_length   int64 [B]
+    paged cache  [num_blocks, ...] by layout, e.g. "NHD" [num_blocks, block_size, H, D]
+    block_table  int [B, max_blocks]: logical slot t of request b is slot t % block_size of
+                 physical block block_table[b, t // block_size]
 """
 
 from __future__ import annotations
@@ -112,6 +115,45 @@ def compact_token_type(token_type: Tensor, keep_index: Tensor, new_length: Tenso
         n = int(new_length[i])
         out[i, :n] = token_type[i, keep_index[i, :n]]
     return out
+
+
+def paged_view(cache: Tensor, layout: str) -> Tensor:
+    """[num_blocks, block_size, H, D] view of paged block storage in `layout` (the order of
+    N, H, D after the block index, e.g. "NHD", "HND", "HDN")."""
+    return cache.permute(0, *(1 + layout.index(c) for c in "NHD"))
+
+
+def _paged_slots(block_table: Tensor, slots: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """(physical block, offset) of logical slots [n] of one request's block table row."""
+    return block_table.long().cpu()[slots // block_size], slots % block_size
+
+
+def compact_paged(
+    cache: Tensor, layout: str, block_table: Tensor, keep_index: Tensor, new_length: Tensor
+) -> Tensor:
+    """Out of place: what compact_paged_ leaves in one paged cache tensor. For s < new_length[b],
+    logical slot s of request b (slot s % block_size of physical block
+    block_table[b, s // block_size]) takes the old contents of slot keep_index[b, s]; every
+    other slot of every block keeps its old contents."""
+    out = cache.clone()
+    old, new = paged_view(cache, layout), paged_view(out, layout)
+    block_size = old.shape[1]
+    for i in range(block_table.shape[0]):
+        n = int(new_length[i])
+        dst = _paged_slots(block_table[i], torch.arange(n), block_size)
+        src = _paged_slots(block_table[i], keep_index[i, :n].cpu(), block_size)
+        new[dst] = old[src]
+    return out
+
+
+def gather_paged(cache: Tensor, layout: str, block_table: Tensor, length: int) -> Tensor:
+    """The logical [B, H, length, D] cache that a paged cache tensor holds for each request."""
+    view = paged_view(cache, layout)
+    slots = torch.arange(length)
+    rows = [
+        view[_paged_slots(block_table[i], slots, view.shape[1])] for i in range(len(block_table))
+    ]
+    return torch.stack(rows).transpose(1, 2)
 
 
 def keep_count_from_rate(

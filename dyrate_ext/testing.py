@@ -328,3 +328,59 @@ def check_compact(
     backend.ops.compact_(tensors, backend.to(keep_index), backend.to(new_length))
     for i, (t, e) in enumerate(zip(tensors, expected)):
         assert torch.equal(t.cpu(), e), f"tensors[{i}] differs from the reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# compact_paged_: vLLM-style paged caches.
+# ---------------------------------------------------------------------------------------------
+
+PAGED_LAYOUTS = ("NHD", "HND", "HDN")
+
+
+def make_block_table(
+    lengths: list[int], block_size: int, gen: torch.Generator, spare: int = 3
+) -> tuple[Tensor, int]:
+    """(int32 [B, max_blocks] block table, num_blocks): each request gets ceil(length / bs)
+    distinct physical blocks drawn at random from a pool with `spare` blocks no request uses
+    (so the blocks of a request are out of order and interleaved with unused ones); entries
+    past a request's blocks are 0, as vLLM pads them."""
+    need = [(n + block_size - 1) // block_size for n in lengths]
+    num_blocks = sum(need) + spare
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    table = torch.zeros(len(lengths), max(need, default=0) + 1, dtype=torch.int32)
+    for b, k in enumerate(need):
+        table[b, :k] = torch.tensor(pool[:k], dtype=torch.int32)
+        pool = pool[k:]
+    return table, num_blocks
+
+
+def paged_shape(layout: str, num_blocks: int, block_size: int, heads: int, dim: int) -> tuple:
+    """The shape of one paged cache tensor in `layout`."""
+    sizes = {"N": block_size, "H": heads, "D": dim}
+    return (num_blocks, *(sizes[c] for c in layout))
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (NaN poison included)."""
+    as_bytes = [t.detach().cpu().contiguous().view(torch.uint8) for t in (a, b)]
+    return a.shape == b.shape and torch.equal(*as_bytes)
+
+
+def check_compact_paged(
+    backend: Backend,
+    caches: list[Tensor],
+    layouts: list[str],
+    block_table: Tensor,
+    keep_index: Tensor,
+    new_length: Tensor,
+) -> None:
+    """compact_paged_ of `caches` (on the backend's device) in one call: each is bit for bit
+    the reference's compaction of it, blocks no row uses and slots past new_length included."""
+    expected = [
+        ref.compact_paged(t.cpu(), lay, block_table, keep_index, new_length)
+        for t, lay in zip(caches, layouts)
+    ]
+    args = (backend.to(block_table), backend.to(keep_index), backend.to(new_length))
+    backend.ops.compact_paged_(caches, layouts, *args)
+    for i, (t, e) in enumerate(zip(caches, expected)):
+        assert same_bits(t, e), f"caches[{i}] ({layouts[i]}) differs from the reference"

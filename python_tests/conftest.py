@@ -1,28 +1,20 @@
 """Shared fixtures of the tests: the random generator, the SIMT emulator and `backend`, which
 runs each op test on every backend (cpu; cuda, skipped without a GPU; emulated, the CUDA kernels
-on the host SIMT emulator). Tolerances, shapes and checkers live in dyrate_ext.testing.
+on the host SIMT emulator). Tolerances, shapes and checkers live in dyrate_ext.testing; the
+test tiers and the markers in the repository root's conftest.py.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import dyrate_ext
 from dyrate_ext.testing import Backend, cuda_ready
+from tools.simt_emu import build as simt_build
 
 
 def pytest_collection_modifyitems(config, items):
-    # `make test` selects "not slow or emulated": the large grids (slow) stay off the emulator,
-    # where they would take minutes each.
-    too_slow = pytest.mark.skip(reason="large shapes are not run on the SIMT emulator")
-    for item in items:
-        params = getattr(item, "callspec", None)
-        if params and params.params.get("backend") == "emulated" and "slow" in item.keywords:
-            item.add_marker(too_slow)
     if dyrate_ext.extension_available():
         return
     skip = pytest.mark.skip(reason="dyrate_ext._C is not built")
@@ -40,13 +32,8 @@ def gen() -> torch.Generator:
 def emu_module():
     """The CUDA kernels and glue built for the host against the SIMT emulator (tools/simt_emu);
     the first use compiles it (about a minute on two cores)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "simt_emu"))
     try:
-        import build
-    finally:
-        sys.path.pop(0)
-    try:
-        return build.build()
+        return simt_build.build()
     except Exception as exc:  # pragma: no cover - no compiler
         pytest.skip(f"the SIMT emulator does not build here: {exc}")
 

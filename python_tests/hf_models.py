@@ -24,8 +24,8 @@ from llava_utils import late_mask_in, reference_masks, tiny_llava
 from llava_utils import prompts as llava_prompts
 from torch import Tensor
 
+from dyrate_ext.embedded import peak_text_weights
 from dyrate_ext.hf._compat import decoder_layers
-from dyrate_ext.llava.embedded import peak_text_weights
 
 VOCAB = 200
 IMAGE, VIDEO, VSTART, VEND = 190, 191, 192, 193

@@ -1,6 +1,6 @@
 """Tiny LLaVA models built offline from configs, prompts, and a masked reference decoder.
 
-Models: the embedded builder (`dyrate_ext.llava.embedded`) at test size: CLIP vision (32x32
+Models: the embedded builder (`dyrate_ext.embedded`) at test size: CLIP vision (32x32
 images, 4x4 patches: a grid of 64 image tokens) + a 4-layer Llama (hidden 64, 4 heads;
 `kv_heads=2` gives grouped-query attention), random weights from a fixed seed. The text
 weights are re-drawn larger than HF's default init (q/k std 0.1) so attention
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from dyrate_ext.llava.embedded import EmbeddedConfig, embedded_llava
+from dyrate_ext.embedded import EmbeddedConfig, embedded_llava
 
 IMAGE_TOKEN = 199
 VOCAB = 200

@@ -3,13 +3,11 @@ and the GPU benchmark's code path runs end to end (on the CPU here, at a tiny sh
 
 from __future__ import annotations
 
-import bench_ops
-import cases
-import eager
 import pytest
 import torch
 
 import dyrate_ext
+from bench import bench_ops, cases, eager
 from dyrate_ext.results import read_results
 from dyrate_ext.testing import LlavaShape
 
@@ -63,7 +61,7 @@ def test_op_benchmark_code_path_at_a_tiny_shape():
     assert [r["op"] for r in quick] == ["prune_kv"]
 
 
-def test_op_benchmark_writes_the_results_schema(tmp_path, monkeypatch):
+def test_op_benchmark_quick_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_ops, "SHAPE", TINY)
     monkeypatch.setattr(bench_ops, "PRUNED_LAYERS", 2)
     out = tmp_path / "ops.json"

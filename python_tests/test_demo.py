@@ -20,8 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from dyrate_ext import demo
-from dyrate_ext.llava import NoPrune, generate
-from dyrate_ext.llava.embedded import (
+from dyrate_ext.embedded import (
     EmbeddedConfig,
     build_processor,
     build_tokenizer,
@@ -30,6 +29,7 @@ from dyrate_ext.llava.embedded import (
     hand_set_predictor,
     llava_prompt,
 )
+from dyrate_ext.llava import NoPrune, generate
 from dyrate_ext.timing import StepClock
 
 TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--max-new-tokens", "3"]
@@ -66,7 +66,7 @@ def test_embedded_model_is_deterministic(tokenizer):
         assert torch.equal(x, y), name
 
 
-def test_demo_runs_every_policy(tmp_path, capsys, monkeypatch):
+def test_prompt_demo_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     md = tmp_path / "section.md"
     png, js = tmp_path / "kept.png", tmp_path / "out.json"
@@ -113,10 +113,10 @@ def test_help_documents_every_option(capsys):
 
 
 def test_model_path_runs_a_checkpoint_directory(tmp_path, tokenizer, capsys):
-    cfg = EmbeddedConfig(num_layers=4, hidden_size=64, intermediate_size=128)
+    cfg = EmbeddedConfig(num_layers=4, hidden_size=64, intermediate_size=128, image_size=112)
     model = embedded_llava(cfg, len(tokenizer))
     model.save_pretrained(tmp_path)
-    build_processor(tokenizer).save_pretrained(tmp_path)
+    build_processor(tokenizer, image_size=112).save_pretrained(tmp_path)
     argv = ["--model", str(tmp_path), "--dtype", "float32", "--max-new-tokens", "2", "--no-plot"]
     assert demo.main(argv) == 0
     out = capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_step_clock_and_hand_set_predictor(tokenizer):
     with StepClock(model) as clock:
         out = generate(
             model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
-            policy=NoPrune(stats_layer=1), max_new_tokens=4, eos_token_id=None,
+            policy=NoPrune(scoring_layer=1), max_new_tokens=4, eos_token_id=None,
         )  # fmt: skip
     assert clock.decode_steps == 3 and clock.prefill_seconds > 0 and clock.decode_seconds > 0
     with StepClock(model) as hf:
@@ -144,6 +144,17 @@ def test_step_clock_and_hand_set_predictor(tokenizer):
     assert int(predictor.predict(out.trace.type_mass[0])) == 4
 
 
+def test_caption_demo_smoke(tmp_path, capsys, monkeypatch):
+    """`python -m dyrate_ext.demo` (the caption demo) end to end: one picture, two tokens."""
+    monkeypatch.chdir(tmp_path)
+    js = tmp_path / "captions.json"
+    argv = ["--images", "1", "--batch-size", "1", "--max-new-tokens", "2", "--no-progress"]
+    assert demo.main([*argv, "--json", str(js)]) == 0
+    assert "reference:" in capsys.readouterr().out
+    assert json.loads(js.read_text())["rows"][0]["name"] == "NoPrune"
+
+
+@pytest.mark.slow
 def test_caption_demo_on_the_committed_model(tmp_path, capsys):
     """The default demo: the trained tiny LLaVA, reference vs each policy's caption, CIDEr and
     FLOPs; a predictor file given with --predictor runs as DyRate next to the hand-set one."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +12,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("pycocoevalcap")
 
+from dyrate_ext.costs import CURRENCIES
 from dyrate_ext.data import export_coco, load_split
 from dyrate_ext.data.scenes import Scene, SceneObject
 from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
-from dyrate_ext.evaluate.__main__ import find_predictors, predictor_specs
 from dyrate_ext.evaluate.__main__ import main as evaluate_main
-from dyrate_ext.evaluate.report import rows_by_set
+from dyrate_ext.evaluate.report import pareto_paths, rows_by_set
+from dyrate_ext.evaluate.runner import CURRENCY_FIELDS
+from dyrate_ext.evaluate.specs import find_predictors, predictor_specs
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.train.model import MICRO
 from dyrate_ext.train.vlm import TrainConfig, train_vlm
@@ -79,7 +82,7 @@ def tiny_checkpoint(tmp_path_factory):
     return root
 
 
-def test_cli_writes_tables_json_and_plots(tiny_checkpoint, tmp_path):
+def test_evaluate_cli_smoke(tiny_checkpoint, tmp_path):
     out = tmp_path / "res" / "eval"
     args = ["--model", str(tiny_checkpoint / "model"), "--n", "4", "--batch-size", "3"]
     args += ["--max-new-tokens", "4", "--sweep", "small", "--styles", "redundant,dense"]
@@ -99,10 +102,27 @@ def test_cli_writes_tables_json_and_plots(tiny_checkpoint, tmp_path):
     assert rows["FastV(k=2 r=0.5)"]["flops_percent"] == pytest.approx(dy["flops_percent"])
     for r in rows.values():
         assert len(r["examples"]) == 4 and 0 <= r["cider"]
+        assert len(r["cider_per_image"]) == 4
+        assert sum(r["cider_per_image"].values()) / 4 == pytest.approx(r["cider"])
+        assert set(r["vs_fastv"]) == set(CURRENCIES)
+    for field in CURRENCY_FIELDS.values():
+        assert rows["NoPrune"][field] == pytest.approx(100.0), field
+        assert rows["VTW(k=1)"][field] < rows["VTW(k=2)"][field] < 100, field
+        assert rows["FastV(k=2 r=0.5)"][field] < 100, field
+    assert doc["meta"]["currencies"]["paper_flops_percent"] == "paper-style FLOPs (reconstruction)"
+    # The FastV curve's own points compare as exactly 0; VTW(k=1) is cheaper than all of it.
+    for name in ("NoPrune", "FastV(k=2 r=0.5)"):
+        for currency in CURRENCIES:
+            assert rows[name]["vs_fastv"][currency]["delta"] == 0.0, (name, currency)
+    assert rows["VTW(k=1)"]["vs_fastv"]["flops"] is None
     md = out.with_suffix(".md").read_text()
-    assert "| NoPrune | 100.0 |" in md and "CIDEr" in md and "NoPrune, blank image" in md
+    assert "| NoPrune | 100.0 | 100.0 | 100.0 | 100.0 |" in md and "CIDEr" in md
+    assert "NoPrune, blank image" in md and "paper-style" in md.lower() and "outside" in md
+    for style in ("redundant", "dense"):
+        for path in pareto_paths(out, style).values():
+            assert Path(path).stat().st_size > 1000, path
     assert (out.parent / "eval_redundant.png").stat().st_size > 1000
-    assert (out.parent / "eval_dense.png").stat().st_size > 1000
+    assert (out.parent / "eval_redundant_kv_read_bytes.png").stat().st_size > 1000
 
 
 def test_predictors_beside_the_model_are_found(tiny_checkpoint, tmp_path):
@@ -114,7 +134,7 @@ def test_predictors_beside_the_model_are_found(tiny_checkpoint, tmp_path):
     shutil.copy(tiny_checkpoint / "p.safetensors", folder / "dyrate_b80.safetensors")
     assert find_predictors(folder) == [str(folder / "dyrate_b80.safetensors")]
     (spec,) = predictor_specs(find_predictors(folder), default_k=3)
-    assert spec.name == "DyRate(k=2 budget=0.80)" and spec.policy.layer == 2
+    assert spec.name == "DyRate(k=2 budget=0.80)" and spec.policy.k == 2
 
 
 def test_cli_on_a_coco_caption_set(tiny_checkpoint, tmp_path):

@@ -9,6 +9,7 @@ that; a brute-force simulation of the per-layer caches and torch's FlopCounterMo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -33,7 +34,7 @@ def fastv(n: int, d: int, m: int) -> int:
 def test_prefill_only_is_fastv_formula():
     # n = 5: 4*5*64 + 2*25*8 + 2*5*8*12 = 1280 + 400 + 960 = 2640 per layer, 4 layers.
     assert layer_flops(S, 5, 5) == 2640 == fastv(5, 8, 12)
-    c = generation_flops(S, prompt_length=5, num_image=2, kept_image=[2], first_pruned_layer=None)
+    c = generation_flops(S, prompt_length=5, num_image=2, kept_image=[2], k=None)
     assert c.per_step.tolist() == [[10560]]
     assert (c.prefill, c.decode, c.total) == (10560, 0, 10560)
     assert c.tflops == pytest.approx(10560e-12)
@@ -70,7 +71,7 @@ def test_grouped_query_attention():
 
 def test_fastv_removes_tokens_from_layer_k():
     # n = 10 prompt tokens with 6 image tokens; k = 2 keeps 3 -> layers 2, 3 see n' = 7.
-    c = generation_flops(S, 10, 6, [3, 3], first_pruned_layer=2)
+    c = generation_flops(S, 10, 6, [3, 3], k=2)
     full10 = fastv(10, 8, 12)  # 6080
     full7 = fastv(7, 8, 12)  # 3920
     assert (full10, full7) == (6080, 3920)
@@ -83,14 +84,14 @@ def test_fastv_removes_tokens_from_layer_k():
 
 def test_vtw_removes_every_image_token():
     # k = 3 of 4: layer 3 sees the 4 text tokens only; at step 1, 4 + 1 slots.
-    c = generation_flops(S, 10, 6, [0, 0], first_pruned_layer=3)
+    c = generation_flops(S, 10, 6, [0, 0], k=3)
     assert c.per_step[:, 0].tolist() == [3 * 6080 + fastv(4, 8, 12), 3 * 624 + 528]
     assert fastv(4, 8, 12) == 2048
 
 
 def test_dynamic_trace_with_shrinking_keep_counts():
     # k = 1; kept 6 -> 4 -> 4 -> 1 -> 0: layers 1..3 over n - removed + t slots.
-    c = generation_flops(S, 10, 6, [6, 4, 4, 1, 0], first_pruned_layer=1)
+    c = generation_flops(S, 10, 6, [6, 4, 4, 1, 0], k=1)
     expected = [
         4 * 6080,  # prefill: nothing removed yet
         624 + 3 * 592,  # t=1: full 11 slots; pruned 10 - 2 + 1 = 9
@@ -133,17 +134,23 @@ def simulate(shape: DecoderShape, n: int, images: int, kept: list[int], k: int |
     return out
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_random_schedules_match_brute_force(kv_heads):
-    gen = torch.Generator().manual_seed(kv_heads)
-    shape = DecoderShape(6, 16, 40, num_heads=4, num_kv_heads=kv_heads, mlp_matrices=3)
-    for _ in range(20):
+def random_schedules(seed: int, count: int = 20) -> Iterator[tuple[int, int, list[int], int]]:
+    """`count` random generations (n, images, kept, k) for a 6-layer decoder: 20 <= n < 60,
+    1 <= images < n, 1 to 8 steps whose kept counts never grow, 1 <= k <= 5 (also test_costs)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(count):
         n = int(torch.randint(20, 60, (1,), generator=gen))
         images = int(torch.randint(1, n, (1,), generator=gen))
         steps = int(torch.randint(1, 9, (1,), generator=gen))
         drops = torch.randint(0, 3, (steps,), generator=gen).cumsum(0)
         kept = (images - drops).clamp(min=0).tolist()
-        k = int(torch.randint(1, 6, (1,), generator=gen))
+        yield n, images, kept, int(torch.randint(1, 6, (1,), generator=gen))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_random_schedules_match_brute_force(kv_heads):
+    shape = DecoderShape(6, 16, 40, num_heads=4, num_kv_heads=kv_heads, mlp_matrices=3)
+    for n, images, kept, k in random_schedules(kv_heads):
         for first in (k, None):
             got = generation_flops(shape, n, images, kept, first).per_step[:, 0].tolist()
             assert got == simulate(shape, n, images, kept, first)
@@ -157,7 +164,7 @@ def test_trace_counts_real_tokens_per_sample():
         token_type=types,
         num_image=torch.tensor([2, 2]),
         kept_image=kept,
-        first_pruned_layer=2,
+        k=2,
     )
     c = trace_flops(trace, S)
     for b, n in enumerate((4, 6)):
@@ -177,10 +184,10 @@ def test_from_config_and_errors():
         s = DecoderShape.from_config(cfg)
         assert (s.num_layers, s.hidden_size, s.intermediate_size) == (3, 64, 172)
         assert (s.num_heads, s.kv_heads, s.dim_per_head) == (8, 2, 8)
-    with pytest.raises(ValueError, match="first_pruned_layer"):
-        generation_flops(S, 10, 6, [6], first_pruned_layer=4)
+    with pytest.raises(ValueError, match="k"):
+        generation_flops(S, 10, 6, [6], k=4)
     with pytest.raises(ValueError, match="kept_image <= num_image"):
-        generation_flops(S, 10, 6, [7], first_pruned_layer=2)
+        generation_flops(S, 10, 6, [7], k=2)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         DecoderShape(2, 8, 12, num_heads=4, num_kv_heads=3)
 

@@ -1,9 +1,10 @@
-"""bench/e2e.py --engine hf: the generate() path of the end-to-end benchmark (tiny smoke run).
+"""bench/e2e.py --engine both: both engines interleaved in one run (tiny smoke run).
 
-Every policy runs through model.generate() under dyrate_ext.hf.pruning, plus a vanilla
-model.generate() row per batch size; the cache bytes the PruningCache holds stay within 1.25x
-of its live slots plus the reallocation headroom, fall below vanilla generate()'s DynamicCache
-for the pruning policies, and the keep counts / FLOPs equal the reference loop's run.
+Every policy runs through the reference loop and through model.generate() under
+dyrate_ext.hf.pruning, plus a vanilla model.generate() row per batch size; the keep counts,
+FLOPs and live cache are the same in both engines, `hf_vs_loop` is the ratio of their decode
+throughputs, the cache bytes held stay within 1.25x of the live slots and fall below vanilla
+generate()'s DynamicCache for the pruning policies, and the report has both engines' tables.
 """
 
 from __future__ import annotations
@@ -13,35 +14,32 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
-import e2e
+from bench import e2e, e2e_report
 
 
-def tiny(engine: str) -> dict:
-    return e2e.run_e2e(e2e.tiny_config(engine=engine), progress=False)
-
-
-def test_generate_path_rows():
-    hf = tiny("hf")
-    loop = tiny("loop")
-    rows = {(r["batch"], r["policy"]): r for r in hf["rows"]}
-    names = [r["policy"] for r in hf["rows"] if r["batch"] == 1]
-    assert names[0] == "NoPrune" and names[-1] == "generate()" and len(names) == 7
-    for r in loop["rows"]:
-        h = rows[(r["batch"], r["policy"])]
-        assert h["mean_kept_image"] == r["mean_kept_image"] and h["flops"] == r["flops"]
-        assert h["peak_live_kv_mib"] == r["peak_live_kv_mib"]
-        assert h["tokens_per_s"] > 0
+def test_e2e_both_engines_smoke():
+    result = e2e.run_e2e(e2e.tiny_config(engine="both"), progress=False)
+    rows = {(r["engine"], r["batch"], r["policy"]): r for r in result["rows"]}
+    names = [r["policy"] for r in result["rows"] if r["batch"] == 1 and r["engine"] == "loop"]
+    assert names[0] == "NoPrune" and len(names) == 6
     for batch in (1, 3):
-        vanilla = rows[(batch, "generate()")]
-        for name in names[:-1]:
-            row = rows[(batch, name)]
-            assert 1.0 <= row["held_vs_live_kv"] <= 1.25
+        vanilla = rows[("vanilla", batch, "generate()")]
+        for name in names:
+            loop, hf = rows[("loop", batch, name)], rows[("hf", batch, name)]
+            # One state machine: the same keep counts, FLOPs and live cache in both engines.
+            assert hf["mean_kept_image"] == loop["mean_kept_image"] and hf["flops"] == loop["flops"]
+            assert hf["peak_live_kv_mib"] == loop["peak_live_kv_mib"]
+            assert hf["tokens_per_s"] > 0 and hf["hf_vs_loop"] > 0
+            assert hf["hf_vs_loop"] == hf["tokens_per_s"] / loop["tokens_per_s"]
+            assert 1.0 <= hf["held_vs_live_kv"] <= 1.25
             if name.startswith(("FastV(k=2", "VTW")):
-                assert row["allocated_kv_mib"] < vanilla["allocated_kv_mib"]
+                assert hf["allocated_kv_mib"] < vanilla["allocated_kv_mib"]
         # NoPrune's cache holds what vanilla generate()'s holds, plus the growth headroom.
-        noprune = rows[(batch, "NoPrune")]
+        noprune = rows[("hf", batch, "NoPrune")]
         assert (
             vanilla["allocated_kv_mib"]
             <= noprune["allocated_kv_mib"]
             <= (1.25 * vanilla["allocated_kv_mib"])
         )
+    text = e2e_report.markdown(result)
+    assert "generate() vs the reference loop" in text and text.count("**Engine:") == 2

@@ -26,7 +26,7 @@ def run_demo(tmp_path, engine: str) -> dict:
     return json.loads(path.read_text())
 
 
-def test_demo_engine_hf_matches_loop(tmp_path, capsys):
+def test_demo_engine_hf_smoke(tmp_path, capsys):
     hf = run_demo(tmp_path, "hf")
     out = capsys.readouterr().out
     assert "engine:  Hugging Face model.generate() inside dyrate_ext.hf.pruning" in out

@@ -92,7 +92,7 @@ def test_policies_match_masked_reference(models, family, name, attn):
     pol = policy(name, family)
     out, trace = run(model, inputs, pol, output_logits=True, return_dict_in_generate=True)
     logits = torch.stack(out.logits)
-    ref = masked_reference(model, inputs, out.sequences, trace.removed_step, pol.layer)
+    ref = masked_reference(model, inputs, out.sequences, trace.removed_step, pol.k)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
     # Pruning happened and matters: the unmasked forward gives other logits.
     num_image = (inputs["input_ids"] == IMAGE).sum(1)

@@ -50,7 +50,7 @@ def test_measured_flops_equal_dyrate_flops(family):
     for policy in policies:
         measured, trace = measured_decoder_flops(model, inputs, policy, steps=4)
         num_image = int((trace.token_type == 1).sum())
-        count = generation_flops(shape, n, num_image, trace.kept_image, trace.first_pruned_layer)
+        count = generation_flops(shape, n, num_image, trace.kept_image, trace.k)
         if isinstance(policy, DyRate):  # the predictor runs inside the scoring layer
             measured -= 2 * trace.kept_image.shape[0] * predictor.in_features * predictor.num_rates
         assert measured == 2 * count.total, repr(policy)

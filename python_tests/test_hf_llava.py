@@ -21,6 +21,7 @@ from hf_models import KV_HEADS, NUM_HEADS, tiny_batch, tiny_model
 import dyrate_ext.hf as hf
 from dyrate_ext.flops import DecoderShape, trace_flops
 from dyrate_ext.llava import VTW, AttentionMass, DyRate, FastV, NoPrune, RatePredictor, generate
+from dyrate_ext.slots import held_slots_bound
 
 STEPS = 10
 
@@ -57,7 +58,7 @@ def test_noprune_matches_vanilla_generate(models, attn, batch):
     expected = vanilla(model, inputs, max_new_tokens=12)
     out, trace = pruned(model, inputs, NoPrune(), max_new_tokens=12)
     assert torch.equal(out, expected)
-    assert trace.kept_image.shape == (12, batch) and trace.first_pruned_layer is None
+    assert trace.kept_image.shape == (12, batch) and trace.k is None
 
 
 def image_mass_predictor() -> RatePredictor:
@@ -70,6 +71,8 @@ POLICIES = {
     "vtw": lambda: VTW(1),
     "dyrate": lambda: DyRate(image_mass_predictor(), 2, num_rates=4),
     "attnmass": lambda: AttentionMass(0.8, 2),
+    "dyrate_accumulated": lambda: DyRate(image_mass_predictor(), 2, 4, ranking="accumulated"),
+    "attnmass_current": lambda: AttentionMass(0.8, 2, ranking="current"),
 }
 
 
@@ -97,9 +100,12 @@ def test_policies_match_reference_loop(models, attn, name):
     assert torch.equal(trace.removed_step, ref.trace.removed_step)
     torch.testing.assert_close(trace.rate, ref.trace.rate)
     assert torch.equal(trace.cache_length, ref.trace.cache_length)
+    # One state machine, one storage: both engines held the same bytes at every step.
+    assert torch.equal(trace.cache_bytes, ref.trace.cache_bytes)
+    assert trace.prune_calls == ref.trace.prune_calls
     assert torch.equal(trace.positions, ref.trace.positions)
     shape = DecoderShape.from_config(model)
-    assert trace_flops(trace.to_llava_trace(), shape).total == trace_flops(ref.trace, shape).total
+    assert trace_flops(trace, shape).total == trace_flops(ref.trace, shape).total
     torch.testing.assert_close(trace.type_mass, ref.trace.type_mass, atol=1e-5, rtol=0)
     # Pruning really happened, and really changed the logits.
     assert (trace.kept_image[-1] < trace.kept_image.new_tensor(64)).all()
@@ -118,9 +124,12 @@ def test_prefill_computes_only_kept_rows_and_bytes_follow_counts(models):
     assert (kept[1:] <= kept[:-1]).all() and (kept[-1] < kept[0]).any()
     drops = int(((kept[1:] < kept[:-1]).any(dim=1)).sum())
     assert trace.prune_calls == drops >= 1
-    # Bytes held stay within 1.25x of the live slots (+ 16 slots) and fall below NoPrune's.
-    per_slot = 2 * 2 * KV_HEADS * 16 * 4 * 3  # (k, v) x layers x heads x dim x fp32 x batch
-    assert (trace.cache_bytes <= 1.25 * trace.live_bytes + 16 * per_slot).all()
+    # Bytes held stay within the storage rule's bound (dyrate_ext.slots.held_slots_bound per
+    # group) at every step, and fall below NoPrune's.
+    per_slot = 2 * KV_HEADS * 16 * 4 * 3  # one layer's slot: (k, v) x heads x dim x fp32 x B
+    for held, (full_len, pruned_len) in zip(trace.cache_bytes, trace.cache_length.tolist()):
+        bound = held_slots_bound(full_len) + held_slots_bound(pruned_len)
+        assert int(held) <= 2 * bound * per_slot  # 2 layers per group (k = 2 of 4)
     _, full = pruned(model, inputs, NoPrune())
     assert (trace.cache_bytes < full.cache_bytes).all()
     # The pruned group shrank at a drop: bytes fell while the full group kept growing.

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import kernel_model as km
 import pytest
+
+from bench import kernel_model as km
 
 ROOT = Path(__file__).resolve().parent.parent
 

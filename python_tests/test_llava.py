@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dyrate_ext.token_types import TokenType
+from dyrate_ext.train.masked_forward import ranked_scores
 
 pytest.importorskip("transformers")
 
@@ -82,6 +83,8 @@ POLICIES = {
     "vtw_k2": lambda: VTW(2),
     "dyrate_k2": lambda: DyRate(image_mass_predictor(), 2, num_rates=4),
     "attnmass_k2": lambda: AttentionMass(0.8, 2),
+    "dyrate_k2_accumulated": lambda: DyRate(image_mass_predictor(), 2, 4, ranking="accumulated"),
+    "attnmass_k2_current": lambda: AttentionMass(0.8, 2, ranking="current"),
 }
 
 
@@ -131,10 +134,10 @@ def test_stop_tokens_match_hf_generate(models, attn):
     assert (out.new_tokens[1, stop + 1 :] == 0).all()
 
 
-def test_noprune_stats_layer_records_type_mass(models):
+def test_noprune_scoring_layer_records_type_mass(models):
     model = models(2, "eager")
     p = prompts(3)
-    out = run(model, p, NoPrune(stats_layer=1))
+    out = run(model, p, NoPrune(scoring_layer=1))
     ref = masked_reference(model, p, out, None)
     mass = out.trace.type_mass
     assert mass.shape == (STEPS, 3, NUM_HEADS, 4)
@@ -167,7 +170,7 @@ def test_physical_removal_matches_masked_reference(models, name, kv_heads, attn)
     p = prompts(3)
     policy = POLICIES[name]()
     out = run(model, p, policy, return_cache=True)
-    ref = masked_reference(model, p, out, policy.layer)
+    ref = masked_reference(model, p, out, policy.k)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
     # Pruning really happened and really matters.
     assert (out.trace.kept_image[-1] < GRID).all()
@@ -204,22 +207,27 @@ def test_physical_removal_matches_masked_reference(models, name, kv_heads, attn)
             assert torch.equal(src, expected.nonzero().flatten())
 
 
-@pytest.mark.parametrize("name", ["fastv_k2_r05", "dyrate_k2", "attnmass_k2"])
+@pytest.mark.parametrize(
+    "name",
+    ["fastv_k2_r05", "dyrate_k2", "attnmass_k2", "dyrate_k2_accumulated", "attnmass_k2_current"],
+)
 def test_decisions_follow_scoring_layer(models, name):
-    """Type mass = HF eager attention at layer k-1; removed slots are the lowest-scored image
-    slots; DyRate's keep counts come from its predictor and never grow."""
+    """Type mass = HF eager attention at layer k-1; removed slots are the lowest-ranked image
+    slots under the policy's ranking (HF's attention rows: each step's own, their running sum,
+    or the prefill row's); DyRate's keep counts come from its predictor and never grow."""
     model = models(2, "eager")
     p = prompts(3)
     policy = POLICIES[name]()
     out = run(model, p, policy)
-    ref = masked_reference(model, p, out, policy.layer)
-    k = policy.layer
+    ref = masked_reference(model, p, out, policy.k)
+    k = policy.k
     mass = _reference_type_mass(ref, k - 1, p)
     torch.testing.assert_close(out.trace.type_mass, mass, atol=1e-5, rtol=0)
 
     prompt_len = p.input_ids.shape[1]
     rows = torch.arange(STEPS) + prompt_len - 1
     score = ref.attentions[k - 1][:, :, rows, :prompt_len].mean(1)  # [B, T, S]
+    score = ranked_scores(score, policy.ranking)
     removed = out.trace.removed_step
     image = out.trace.token_type == TokenType.IMAGE
     for b in range(3):
@@ -232,7 +240,7 @@ def test_decisions_follow_scoring_layer(models, name):
                 assert worst_gone <= best_kept + 1e-6
     kept = out.trace.kept_image
     assert (kept[1:] <= kept[:-1]).all()
-    if name == "dyrate_k2":
+    if name.startswith("dyrate_k2"):
         cls = policy.predictor.predict(out.trace.type_mass.reshape(STEPS * 3, -1)).reshape(STEPS, 3)
         want = GRID - (cls * GRID) // 4
         torch.testing.assert_close(out.trace.rate, cls.float() / 4)
@@ -279,8 +287,8 @@ def test_cache_layout_and_positions(models, name):
     policy = POLICIES[name]()
     out = run(model, p, policy, return_cache=True)
     tr = out.trace
-    k = policy.layer
-    assert tr.first_pruned_layer == k and tr.stats_layer == k - 1
+    k = policy.k
+    assert tr.k == k and tr.scoring_layer == k - 1
     # Keep counts never grow.
     assert (tr.kept_image[1:] <= tr.kept_image[:-1]).all()
     assert (tr.kept_image <= tr.num_image).all()
@@ -399,7 +407,7 @@ def test_bad_input_errors(models):
         with pytest.raises(ValueError, match="out of range"):
             generate(model, ids, px, mask, policy=bad)
     with pytest.raises(ValueError, match="out of range"):
-        generate(model, ids, px, mask, policy=NoPrune(stats_layer=NUM_LAYERS))
+        generate(model, ids, px, mask, policy=NoPrune(scoring_layer=NUM_LAYERS))
     with pytest.raises(
         ValueError, match=r"predictor takes 24 inputs \(6 heads x 4 types\).* 4 heads x 4 = 16"
     ):

@@ -182,14 +182,14 @@ def test_policy_validation():
         DyRate(RatePredictor(4, 3), 2).validate(32, 32)
     with pytest.raises(TypeError, match="must be a RatePredictor"):
         DyRate(torch.nn.Linear(4, 3), 2)
-    assert NoPrune().stats_layer is None and FastV(3, 0.5).stats_layer == 2
+    assert NoPrune().scoring_layer is None and FastV(3, 0.5).scoring_layer == 2
 
 
 def test_custom_policy_scoring_layer_must_be_unpruned():
     class Late(FastV):
         @property
-        def stats_layer(self):
-            return self.layer
+        def scoring_layer(self):
+            return self.k
 
     with pytest.raises(ValueError, match=r"scoring layer \(3\) must be an unpruned layer"):
         Late(3, 0.5).validate(8, 4)

@@ -32,12 +32,15 @@ def op_samples(gen, device="cpu"):
     idx, n = (to(x) for x in dyrate_ext.select_keep(score, types, counts))
     cache = [to(randn((2, 2, 16, 8), gen)), to(randn((2, 3, 16, 5), gen, torch.bfloat16))]
     types, score, counts = to(types), to(score), to(counts)
+    table = to(torch.tensor([[3, 0, 5, 1], [2, 6, 4, 7]], dtype=torch.int32))
+    paged = [to(randn((8, 5, 2, 4), gen)), to(randn((8, 3, 4, 5), gen, torch.bfloat16))]
     return {
         "attention_stats": (q, k, types, 0.3, 4, True),
         "attention_stats_from_probs": (probs, types, 4),
         "select_keep": (score, types, counts, 1),
         "compact_": (cache, idx, n),
         "compact_token_type_": (types.clone(), idx, n),
+        "compact_paged_": (paged, ["NHD", "HDN"], table, idx, n),
     }
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from readme_sections import markers, replace_section
+
+from tools.readme_sections import markers, replace_section
 
 
 def test_replaces_only_its_section(tmp_path):

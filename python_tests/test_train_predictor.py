@@ -22,7 +22,7 @@ from dyrate_ext.flops import DecoderShape, generation_flops
 from dyrate_ext.llava import Decision, DyRate, RatePredictor, generate
 from dyrate_ext.train.caption_batches import check_template
 from dyrate_ext.train.gumbel import expected_flops, st_gumbel_softmax, temperature
-from dyrate_ext.train.masked_forward import CaptionBatch, MaskedLlava, keep_masks
+from dyrate_ext.train.masked_forward import CaptionBatch, MaskedLlava, keep_masks, ranked_scores
 from dyrate_ext.train.predictor import check_budget, train_predictor
 
 K = 8
@@ -104,7 +104,8 @@ def test_keep_masks_hand_worked():
     ).transpose(0, 1)  # [B=1, C=3, N=7]
     # K = 4: class j keeps 4 - floor(4j/4) = 4, 3, 2, 1 tokens. Steps ask 3, 0 (-> 4), 2.
     y = F.one_hot(torch.tensor([[1, 0, 2]]), 4).float().requires_grad_(True)
-    m, kept, clamped = keep_masks(score, types, y, torch.ones(1, 3, dtype=torch.bool), chain=True)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    m, kept, clamped = keep_masks(score, types, y, valid, chain=True, ranking="current")
     want = torch.tensor(
         [
             [0, 1, 0, 1, 1, 0, 0],  # step 0 keeps a, c, d (drops b, the lowest)
@@ -122,9 +123,15 @@ def test_keep_masks_hand_worked():
     assert y.grad[0, 0].tolist() == [4.0, 3.0, 2.0, 1.0]
     assert y.grad[0, 1].tolist() == [3.0, 3.0, 2.0, 1.0]
     y.grad = None
-    m, _, _ = keep_masks(score, types, y, torch.ones(1, 3, dtype=torch.bool), chain=False)
+    m, _, _ = keep_masks(score, types, y, valid, chain=False, ranking="current")
     m[0, 2].sum().backward()
     assert y.grad[0, :2].abs().sum() == 0 and y.grad[0, 2].tolist() == [3.0, 3.0, 2.0, 1.0]
+    # The engines' other rankings: step 2 ranks {a, c, d} by the prefill row (a 0.4, c 0.3,
+    # d 0.2: keeps a, c) or by the sums so far (a 1.0, c 0.7, d 0.8: keeps a, d).
+    for ranking, step2 in (("prefill", [0, 1, 0, 1, 0, 0, 0]), ("accumulated", want[2].tolist())):
+        m, kept, _ = keep_masks(score, types, y, valid, ranking=ranking)
+        assert m[0, 2].tolist() == step2 and kept.tolist() == [[3, 3, 2]]
+    assert torch.allclose(ranked_scores(score, "accumulated")[0, 2], score[0].sum(0))
 
 
 def test_st_gumbel_softmax_and_temperature():
@@ -250,7 +257,7 @@ def test_metadata_round_trip(tmp_path):
         p.save(path, metadata={"k": 2})
 
 
-def test_cli_end_to_end(tmp_path):
+def test_train_predictor_cli_smoke(tmp_path):
     from dyrate_ext.train.model import (
         TinyConfig,
         build_tiny_processor,

@@ -3,6 +3,7 @@
 // ATen; the torch glue lives in ops_cuda.cpp (compiled by the host compiler).
 #include "../kernels/attention_stats.cuh"
 #include "../kernels/compact.cuh"
+#include "../kernels/compact_paged.cuh"
 #include "../kernels/select_keep.cuh"
 
 namespace dyrate {

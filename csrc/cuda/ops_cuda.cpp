@@ -6,9 +6,9 @@
 // in cuBLAS and cuSPARSE headers that a minimal toolkit does not ship.
 //
 // Nothing here reads device data or synchronises with the host: value checks of token_type,
-// keep_count and keep_index are skipped on CUDA (the kernels stay in bounds for any value), so
-// every op can be captured in a CUDA graph. Scratch comes from the caching allocator on the
-// current stream.
+// keep_count, keep_index and block_table are skipped on CUDA (the kernels stay in bounds for
+// any value), so every op can be captured in a CUDA graph. Scratch comes from the caching
+// allocator on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -271,8 +271,20 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& token_scor
 
 namespace {
 
-// log2 of the widest copy word (<= 16 bytes) that divides the tensor's address, its row size
-// and every stride the kernel steps over.
+K::KeepPlan keep_plan(const at::Tensor& keep_index, const at::Tensor& new_length) {
+  return {keep_index.const_data_ptr<int64_t>(), keep_index.stride(0), keep_index.stride(1),
+          new_length.const_data_ptr<int64_t>(), new_length.stride(0)};
+}
+
+// log2 of the widest copy word (<= 16 bytes) that divides every byte count or address in bits.
+int32_t word_log2_of(uint64_t bits) {
+  int32_t lg = 4;
+  while (lg > 0 && (bits & ((uint64_t{1} << lg) - 1)) != 0) --lg;
+  return lg;
+}
+
+// log2 of the widest copy word that divides the tensor's address, its row size and every
+// stride the kernel steps over.
 int32_t copy_word_log2(const at::Tensor& t) {
   const int64_t esize = t.element_size();
   uint64_t bits =
@@ -280,9 +292,7 @@ int32_t copy_word_log2(const at::Tensor& t) {
   for (int64_t d = 0; d < 3; ++d) {
     if (t.size(d) > 1) bits |= static_cast<uint64_t>(t.stride(d) * esize);
   }
-  int32_t lg = 4;
-  while (lg > 0 && (bits & ((uint64_t{1} << lg) - 1)) != 0) --lg;
-  return lg;
+  return word_log2_of(bits);
 }
 
 }  // namespace
@@ -301,11 +311,7 @@ void compact_cuda(at::TensorList tensors, const at::Tensor& keep_index,
     table.count = 0;
     table.first_block[0] = 0;
     table.L = static_cast<int32_t>(L);
-    table.keep_index = keep_index.const_data_ptr<int64_t>();
-    table.ki_stride_b = keep_index.stride(0);
-    table.ki_stride_l = keep_index.stride(1);
-    table.new_length = new_length.const_data_ptr<int64_t>();
-    table.nl_stride = new_length.stride(0);
+    table.plan = keep_plan(keep_index, new_length);
   };
   reset();
   // Validate every tensor before the first launch, so that an error leaves all of them as they
@@ -345,6 +351,128 @@ void compact_cuda(at::TensorList tensors, const at::Tensor& keep_index,
     ++table.count;
   }
   C10_CUDA_CHECK(K::launch_compact(table, stream));
+}
+
+namespace {
+
+// The group entry of one paged cache tensor. A (slot, head) row whose channels are contiguous
+// (NHD, HND) moves in the widest word its address, row size and strides allow; otherwise (HDN)
+// each channel is a word of one element, word_stride apart.
+K::PagedGroup paged_group(const at::Tensor& t, const PagedCache& c, int64_t block_size, int64_t B,
+                          int64_t L, const std::string& name) {
+  const int64_t es = t.element_size();
+  const bool row_contiguous = c.stride_d == 1 || c.head_dim == 1;
+  uint64_t bits = reinterpret_cast<uintptr_t>(t.data_ptr());
+  if (t.size(0) > 1) bits |= static_cast<uint64_t>(c.stride_blk * es);
+  if (block_size > 1) bits |= static_cast<uint64_t>(c.stride_slot * es);
+  if (c.heads > 1) bits |= static_cast<uint64_t>(c.stride_h * es);
+  bits |= static_cast<uint64_t>(row_contiguous ? c.head_dim * es : es | (c.stride_d * es));
+  const int32_t lg = word_log2_of(bits);
+  TORCH_CHECK(row_contiguous || (int64_t{1} << lg) == es, name,
+              " is not aligned to its element size (", es, " bytes)");
+  K::PagedGroup g{};
+  g.stride_blk = c.stride_blk * es;
+  g.stride_slot = c.stride_slot * es;
+  g.stride_h = c.stride_h * es;
+  g.word_stride = row_contiguous ? int64_t{1} << lg : c.stride_d * es;
+  const int64_t words = row_contiguous ? (c.head_dim * es) >> lg : c.head_dim;
+  TORCH_CHECK(L * words <= kMaxIndex && B * c.heads <= kMaxIndex, name, " of shape ", t.sizes(),
+              " is too large for the CUDA compact_paged_ kernel");
+  g.heads = static_cast<int32_t>(c.heads);
+  g.row_words = static_cast<int32_t>(words);
+  g.word_log2 = lg;
+  return g;
+}
+
+bool same_group(const K::PagedGroup& a, const K::PagedGroup& b) {
+  return a.stride_blk == b.stride_blk && a.stride_slot == b.stride_slot &&
+         a.stride_h == b.stride_h && a.word_stride == b.word_stride && a.heads == b.heads &&
+         a.row_words == b.row_words && a.word_log2 == b.word_log2;
+}
+
+// Fills PagedTables group by group and launches each one when it is full, then the last.
+class PagedLaunches {
+ public:
+  PagedLaunches(const K::PagedTable& header, cudaStream_t stream)
+      : header_(header), table_(header), stream_(stream) {}
+
+  // Starts a group of tensors that share `group`.
+  void open(const K::PagedGroup& group) {
+    if (table_.group_count == K::kPagedMaxGroups) flush();
+    const int g = table_.group_count++;
+    table_.groups[g] = group;
+    table_.first_tensor[g + 1] = table_.first_tensor[g];
+    table_.first_block[g + 1] = table_.first_block[g];
+  }
+  // Adds a tensor of the open group.
+  void add(char* data) {
+    int g = table_.group_count - 1;
+    const int rows = table_.B * table_.groups[g].heads;
+    if (table_.first_tensor[g + 1] == K::kPagedMaxTensors ||
+        table_.first_block[g + 1] + static_cast<int64_t>(rows) > kMaxIndex) {
+      const K::PagedGroup group = table_.groups[g];
+      flush();
+      open(group);
+      g = 0;
+    }
+    table_.data[table_.first_tensor[g + 1]++] = data;
+    table_.first_block[g + 1] += rows;
+  }
+  void flush() {
+    C10_CUDA_CHECK(K::launch_compact_paged(table_, stream_));
+    table_ = header_;
+  }
+
+ private:
+  K::PagedTable header_, table_;  // header_: no groups, no tensors
+  cudaStream_t stream_;
+};
+
+}  // namespace
+
+void compact_paged_cuda(at::TensorList caches, c10::ArrayRef<std::string> layouts,
+                        const at::Tensor& block_table, const at::Tensor& keep_index,
+                        const at::Tensor& new_length) {
+  const PagedDims d =
+      check_compact_paged_args(caches, layouts, block_table, keep_index, new_length);
+  if (caches.empty()) return;
+  const c10::cuda::CUDAGuard guard(keep_index.device());
+  const int64_t B = keep_index.size(0), L = keep_index.size(1);
+  check_index_range(L, "keep_index's length L");
+  check_index_range(B, "keep_index's batch size B");
+  check_index_range(d.num_blocks, "caches' num_blocks");
+  // Validate every tensor before the first launch, so that an error leaves all of them as they
+  // were; group them by geometry, each group's tensors in their order.
+  std::vector<K::PagedGroup> groups;
+  std::vector<std::vector<char*>> members;
+  for (size_t i = 0; i < caches.size(); ++i) {
+    if (caches[i].numel() == 0) continue;
+    const std::string name = "caches[" + std::to_string(i) + "]";
+    const K::PagedGroup g = paged_group(caches[i], d.caches[i], d.block_size, B, L, name);
+    size_t k = 0;
+    while (k < groups.size() && !same_group(groups[k], g)) ++k;
+    if (k == groups.size()) {
+      groups.push_back(g);
+      members.emplace_back();
+    }
+    members[k].push_back(static_cast<char*>(caches[i].data_ptr()));
+  }
+  K::PagedTable header{};
+  header.B = static_cast<int32_t>(B);
+  header.L = static_cast<int32_t>(L);
+  header.block_size = static_cast<int32_t>(d.block_size);
+  header.num_blocks = static_cast<int32_t>(d.num_blocks);
+  header.bt_int64 = block_table.scalar_type() == at::kLong;
+  header.block_table = block_table.const_data_ptr();
+  header.bt_stride_b = block_table.stride(0);
+  header.bt_stride_t = block_table.stride(1);
+  header.plan = keep_plan(keep_index, new_length);
+  PagedLaunches launches(header, current_stream());
+  for (size_t k = 0; k < groups.size(); ++k) {
+    launches.open(groups[k]);
+    for (char* data : members[k]) launches.add(data);
+  }
+  launches.flush();
 }
 
 void compact_token_type_cuda(const at::Tensor& token_type, const at::Tensor& keep_index,

@@ -10,6 +10,8 @@
 //   keep_count < 0                     -> 0 (select_keep)
 //   new_length outside [0, L]          -> clamped (compact_*)
 //   keep_index entry outside [0, L)    -> that destination slot is left as it was (compact_*)
+//   block_table entry outside [0, num_blocks) -> a move from or to a slot of that logical
+//                                        block is skipped (compact_paged_)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -172,6 +174,14 @@ cudaError_t launch_select_keep(const SelectArgs& a, cudaStream_t stream);
 // compact_ and compact_token_type_
 // ---------------------------------------------------------------------------------------------
 
+// What every compaction reads: select_keep's plan.
+struct KeepPlan {
+  const int64_t* keep_index;  // [B, L]
+  int64_t ki_stride_b, ki_stride_l;
+  const int64_t* new_length;  // [B]
+  int64_t nl_stride;
+};
+
 // Tensors per launch; the table travels as a __grid_constant__ kernel parameter (< 4 KiB), and
 // longer lists take one launch per kCompactMaxTensors tensors.
 constexpr int kCompactMaxTensors = 64;
@@ -190,10 +200,7 @@ struct CompactTable {
   int32_t first_block[kCompactMaxTensors + 1];  // tensor i owns blocks [first[i], first[i+1])
   int32_t count;
   int32_t L;
-  const int64_t* keep_index;  // [B, L]
-  int64_t ki_stride_b, ki_stride_l;
-  const int64_t* new_length;  // [B]
-  int64_t nl_stride;
+  KeepPlan plan;
 };
 
 // Kernel parameters are limited to 4 KiB on every supported toolkit.
@@ -209,6 +216,50 @@ cudaError_t launch_compact_token_type(int8_t* token_type,  // [B, L]
                                       int64_t ki_stride_b, int64_t ki_stride_l,
                                       const int64_t* new_length,  // [B]
                                       int64_t nl_stride, int B, int L, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// compact_paged_
+// ---------------------------------------------------------------------------------------------
+
+// Tensors and geometry groups per launch. Tensors whose geometry (strides, heads, copy word)
+// is the same, such as the keys of every layer, share one group entry, so the table holds a
+// data pointer per tensor and one launch covers a whole model's cache; a longer list or more
+// distinct geometries take one launch per full table.
+constexpr int kPagedMaxTensors = 384;
+constexpr int kPagedMaxGroups = 8;
+
+// What a block needs to find the bytes of one (head, logical slot) of a group's tensors: byte
+// strides of the physical block, the slot within it and the head, and the words a slot's head
+// holds, word k at byte k * word_stride (the next word of a contiguous row, or the next channel
+// of a layout whose channels are strided).
+struct PagedGroup {
+  int64_t stride_blk, stride_slot, stride_h, word_stride;  // bytes
+  int32_t heads;                                           // H
+  int32_t row_words;                                       // copy words per (slot, head)
+  int32_t word_log2;                                       // log2 of the copy unit: 0 .. 4
+  int32_t pad_;
+};
+
+struct PagedTable {
+  char* data[kPagedMaxTensors];               // each tensor's first byte, grouped: group g owns
+  int32_t first_tensor[kPagedMaxGroups + 1];  // data[first_tensor[g], first_tensor[g + 1])
+  int32_t first_block[kPagedMaxGroups + 1];   // and blocks [first_block[g], first_block[g + 1])
+  PagedGroup groups[kPagedMaxGroups];
+  int32_t group_count;
+  int32_t B, L;
+  int32_t block_size, num_blocks;
+  int32_t bt_int64;         // block_table holds int64 (else int32)
+  const void* block_table;  // [B, max_blocks]
+  int64_t bt_stride_b, bt_stride_t;
+  KeepPlan plan;
+};
+
+static_assert(sizeof(PagedTable) <= 4096, "the paged table must fit in kernel parameters");
+
+// One block per (tensor, b, h) of the table's tensors; in place. Logical slot t of request b
+// is slot t % block_size of physical block block_table[b, t / block_size]; a slot whose source
+// or destination block is outside [0, num_blocks) is left as it was.
+cudaError_t launch_compact_paged(const PagedTable& table, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace dyrate

@@ -155,12 +155,12 @@ def export_coco(
         for c in s.captions:
             annotations.append({"id": len(annotations) + 1, "image_id": s.image_id, "caption": c})
     style = styles.pop()
-    doc = {
-        "info": {"description": "dyrate_ext procedural captions", "style": style},
-        "images": images,
-        "annotations": annotations,
+    info = {
+        "description": "dyrate_ext procedural captions",
+        "style": style,
+        "prompt": PROMPTS[style],
     }
-    doc["info"]["prompt"] = PROMPTS[style]
+    doc = {"info": info, "images": images, "annotations": annotations}
     path = out / "annotations.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))

@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..evaluate.__main__ import find_predictors, load_model, predictor_specs
+from ..embedded import hand_set_predictor
+from ..evaluate.engines import ENGINE_NOTE
 from ..evaluate.runner import Row, Spec, embedded_set, prepare, run_policy
-from ..hf.engines import ENGINE_NOTE
+from ..evaluate.specs import find_predictors, load_model, predictor_specs
 from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune, generate
-from ..llava.embedded import hand_set_predictor
 from ..results import format_table, run_metadata, write_results
 
 __all__ = ["caption_specs", "run_caption_demo"]
@@ -34,7 +34,7 @@ def _hand_set(model: Any, batch: dict[str, Any], k: int, steps: int) -> Spec:
         batch["input_ids"],
         batch["pixel_values"],
         batch["attention_mask"],
-        policy=NoPrune(stats_layer=k - 1),
+        policy=NoPrune(scoring_layer=k - 1),
         max_new_tokens=steps,
     )
     predictor, _, _ = hand_set_predictor(out.trace, heads)

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from ..evaluate.engines import ENGINE_NOTE
 from ..flops import LLAVA_15_7B, DecoderShape
-from ..hf.engines import ENGINE_NOTE
 from ..llava import GenerateOutput, NoPrune
 from ..predictor import RatePredictor
 from ..results import run_metadata, write_results
@@ -30,11 +30,11 @@ from .report import markdown_section, plot_kept, print_summary, prompt_layout, t
 from .runner import (
     PolicyRun,
     Sweep,
+    generate_timed,
     hf_generate,
     load_model,
     make_inputs,
     make_policies,
-    run_policy,
 )
 
 __all__ = ["run_prompt_demo"]
@@ -59,9 +59,9 @@ def run_prompt_demo(args: argparse.Namespace, argv: list[str] | None = None) -> 
     steps, repeats = args.max_new_tokens, args.repeats
     _print_header(desc, describe_machine(device), embedded)
     print(f"engine:  {ENGINE_NOTE[args.engine]}")
-    run_policy(model, inputs, NoPrune(), 2, None, pad, engine=args.engine)  # warm-up, not timed
+    generate_timed(model, inputs, NoPrune(), 2, None, pad, engine=args.engine)  # warm-up, not timed
 
-    stats_layer = min(max(args.dyrate_k, 1), shape.num_layers) - 1
+    scoring_layer = min(max(args.dyrate_k, 1), shape.num_layers) - 1
     hf_runs = 0 if args.no_hf_check else 1
     bar = tqdm(
         total=(6 + hf_runs) * steps * repeats,
@@ -73,13 +73,13 @@ def run_prompt_demo(args: argparse.Namespace, argv: list[str] | None = None) -> 
     )
     with_7b = embedded and shape.num_layers == LLAVA_15_7B.num_layers
     sweep = Sweep(model, inputs, steps, eos, pad, repeats, with_7b, bar.update, args.engine)
-    base_out = sweep.run("NoPrune", NoPrune(stats_layer=stats_layer))
+    base_out = sweep.run("NoPrune", NoPrune(scoring_layer=scoring_layer))
     bar.write(
         f"prompt:  {prompt_layout(base_out)} (LLaVA-1.5 template: "
         f'"{{system}} USER: <image>\\n{{question}} ASSISTANT:")',
         file=sys.stdout,
     )
-    predictor, predictor_note = _predictor(args, base_out, shape, stats_layer)
+    predictor, predictor_note = _predictor(args, base_out, shape, scoring_layer)
     policies, skipped = make_policies(
         shape.num_layers, predictor, args.dyrate_k, args.mass_p, args.mass_k
     )
@@ -155,7 +155,7 @@ def _print_header(desc: str, machine: str, embedded: bool) -> None:
 
 
 def _predictor(
-    args: argparse.Namespace, base_out: GenerateOutput, shape: DecoderShape, stats_layer: int
+    args: argparse.Namespace, base_out: GenerateOutput, shape: DecoderShape, scoring_layer: int
 ) -> tuple[RatePredictor | None, str]:
     """DyRate's predictor (loaded, or hand-set from the NoPrune run) and a note saying which."""
     if args.predictor:
@@ -163,7 +163,7 @@ def _predictor(
         return RatePredictor.load(path), f"DyRate predictor: trained weights from {path}"
     if not 1 <= args.dyrate_k < shape.num_layers:
         return None, ""
-    from ..llava.embedded import hand_set_predictor
+    from ..embedded import hand_set_predictor
 
     predictor, high, low = hand_set_predictor(
         base_out.trace, shape.num_heads, args.dyrate_rates, args.dyrate_high, args.dyrate_low
@@ -172,7 +172,7 @@ def _predictor(
         f"DyRate predictor: HAND-SET (no trained weights for this model) - RatePredictor.from_image_mass("
         f"high={high:.4f}, low={low:.4f}): rate 0 at image mass >= high, "
         f"{args.dyrate_rates - 1}/{args.dyrate_rates} at <= low, linear between "
-        f"(set from the NoPrune run's layer-{stats_layer} image attention mass)"
+        f"(set from the NoPrune run's layer-{scoring_layer} image attention mass)"
     )
     return predictor, note
 

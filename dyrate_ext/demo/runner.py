@@ -17,22 +17,21 @@ from typing import Any
 
 import torch
 
+from ..evaluate.engines import ENGINES, generate_timed
 from ..flops import LLAVA_15_7B, DecoderShape, FlopsCount, trace_flops
-from ..hf.engines import ENGINES, HFGenerateOutput, run_policy
 from ..llava import VTW, AttentionMass, DyRate, FastV, GenerateOutput, Policy
 from ..predictor import RatePredictor
 from ..timing import StepClock
 
 __all__ = [
     "ENGINES",
-    "HFGenerateOutput",
     "PolicyRun",
     "Sweep",
+    "generate_timed",
     "hf_generate",
     "load_model",
     "make_inputs",
     "make_policies",
-    "run_policy",
 ]
 
 
@@ -96,7 +95,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, str, bool]:
         if not path.is_dir():
             raise SystemExit(f"--model {path}: not a directory (give a local checkpoint folder)")
         processor = AutoProcessor.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(
+        # Any (here and for the embedded model below): transformers wraps PreTrainedModel.to in
+        # functools.wraps(nn.Module.to), which mypy reads as an unbound function (asks for `self`).
+        model: Any = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=args.attn
         )
         model = model.to(device).eval()
@@ -107,7 +108,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, str, bool]:
         )
         return model, processor, desc, False
 
-    from ..llava.embedded import EmbeddedConfig, build_processor, build_tokenizer, embedded_llava
+    from ..embedded import EmbeddedConfig, build_processor, build_tokenizer, embedded_llava
 
     cfg = EmbeddedConfig(
         num_layers=args.layers,
@@ -139,7 +140,7 @@ def make_inputs(
 ) -> dict[str, torch.Tensor]:
     """The prompt in LLaVA-1.5's template with its image: input_ids int64 [1, S],
     attention_mask int64 [1, S], pixel_values [1, 3, H, W] of `dtype`, on `device`."""
-    from ..llava.embedded import LLAVA_15_SYSTEM, demo_image, llava_prompt
+    from ..embedded import LLAVA_15_SYSTEM, demo_image, llava_prompt
 
     if args.image:
         from PIL import Image
@@ -179,7 +180,7 @@ def make_policies(
     wanted.append((f"AttentionMass(p={mass_p:g}, k={mass_k})", AttentionMass(mass_p, mass_k)))
     kept, skipped = [], []
     for name, policy in wanted:
-        k = policy.layer
+        k = policy.k
         if k is not None and not 1 <= k < num_layers:
             skipped.append(f"{name} skipped: k = {k} needs at least {k + 1} decoder layers")
             continue
@@ -227,7 +228,7 @@ class Sweep:
         """Run `policy` `repeats` times; record the first output and the median times."""
         outs, prefill, decode = [], [], []
         for _ in range(self.repeats):
-            out, clock = run_policy(
+            out, clock = generate_timed(
                 self.model,
                 self.inputs,
                 policy,

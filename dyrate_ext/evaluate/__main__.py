@@ -1,12 +1,15 @@
-"""`python -m dyrate_ext.evaluate`: every pruning policy on a caption set, quality vs FLOPs.
+"""`python -m dyrate_ext.evaluate`: every pruning policy on a caption set, quality vs cost.
 
     python -m dyrate_ext.evaluate                        # the committed tiny LLaVA, embedded test
     python -m dyrate_ext.evaluate --predictor p.safetensors --predictor q.safetensors
     python -m dyrate_ext.evaluate --model llava-hf/llava-1.5-7b-hf-folder --data coco_val/
 
-Writes OUT.json, OUT.md (tables shaped like the paper's Table III) and OUT_<style>.png
-(Pareto plots), OUT = bench/results/eval by default. See `dyrate_ext.evaluate.runner` for
-what each column measures.
+Writes OUT.json, OUT.md (tables shaped like the paper's Table III, with every cost currency
+and the CIDEr difference against FastV at equal cost) and Pareto plots, CIDEr vs each currency:
+OUT_<style>.png (KV-cache FLOPs), OUT_<style>_paper_flops.png, OUT_<style>_kv_read_bytes.png,
+OUT_<style>_peak_kv_bytes.png; OUT = bench/results/eval by default. See
+`dyrate_ext.evaluate.runner` for what each column measures, `dyrate_ext.evaluate.paired` for
+the Δ vs FastV.
 """
 
 from __future__ import annotations
@@ -18,62 +21,21 @@ from pathlib import Path
 
 import torch
 
-from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune
-from ..predictor import RatePredictor
+from ..policies import DEFAULT_RANKING, RANKINGS
 from ..results import run_metadata
-from .report import markdown_table, plot_pareto, write_json
-from .runner import Row, Spec, coco_set, embedded_set, prepare, run_policy
-
-FASTV_R = (0.25, 0.5, 0.75)
-VTW_K = (1, 2, 3, 4)
-MASS_P = (0.5, 0.8, 0.95)
-
-
-def predictor_specs(paths: list[str], default_k: int) -> list[Spec]:
-    """DyRate specs from RatePredictor files (k and budget from their metadata when there)."""
-    specs = []
-    for p in paths:
-        meta = RatePredictor.metadata(p)
-        k = int(meta.get("k", default_k))
-        budget = meta.get("budget")
-        knob = f"k={k} budget={float(budget):.2f}" if budget else f"k={k} {Path(p).stem}"
-        specs.append(Spec("DyRate", knob, DyRate(RatePredictor.load(p), k=k)))
-    return specs
-
-
-def find_predictors(folder: Path) -> list[str]:
-    """The RatePredictor files in a model folder (e.g. the ones committed beside the tiny
-    LLaVA), sorted by name."""
-    from ..predictor import _FORMAT
-
-    found = []
-    for f in sorted(folder.glob("*.safetensors")):
-        if RatePredictor.metadata(f).get("format") == _FORMAT:
-            found.append(str(f))
-    return found
-
-
-def sweep(full: bool, dyrate: list[Spec]) -> list[Spec]:
-    """NoPrune, the blank-image baseline, FastV r x k in {2, 3}, VTW k, AttentionMass p and the
-    DyRate predictors; `full=False` keeps one or two settings per family."""
-    specs = [Spec("NoPrune", "", NoPrune()), Spec("NoPrune, blank image", "", NoPrune(), True)]
-    rs, vtw_k, ps = (FASTV_R, VTW_K, MASS_P) if full else ((0.5,), (1, 2), (0.8,))
-    specs += [Spec(f"FastV k={k}", f"r={r}", FastV(k, r)) for k in (2, 3) for r in rs]
-    specs += [Spec("VTW", f"k={k}", VTW(k)) for k in vtw_k]
-    specs += [Spec("AttentionMass", f"p={p} k=2", AttentionMass(p, k=2)) for p in ps]
-    return specs + dyrate
-
-
-def load_model(path: str | None, device: str, dtype: str = "float32"):
-    """(model, processor, tokenizer, prompt builder, folder) of a llava-hf folder, or the
-    committed tiny LLaVA when `path` is None."""
-    from ..llava.embedded import llava_prompt
-    from ..train.model import DEFAULT_CHECKPOINT, load_tiny_llava, tiny_prompt
-
-    folder = Path(path) if path else DEFAULT_CHECKPOINT
-    model, processor, tokenizer = load_tiny_llava(folder, device, dtype=getattr(torch, dtype))
-    tiny = (folder / "train_log.json").is_file()
-    return model, processor, tokenizer, (tiny_prompt if tiny else llava_prompt), folder
+from .paired import attach_vs_fastv
+from .report import markdown_table, pareto_paths, plot_pareto, write_json
+from .runner import (
+    CURRENCY_FIELDS,
+    CURRENCY_LABELS,
+    Row,
+    Spec,
+    coco_set,
+    embedded_set,
+    prepare,
+    run_policy,
+)
+from .specs import find_predictors, load_model, predictor_specs, sweep
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +56,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dyrate-k", type=int, default=2, help="k when a file does not say")
     ap.add_argument("--sweep", choices=("full", "small"), default="full")
     ap.add_argument("--dense-sweep", choices=("full", "small"), default="full")
+    ap.add_argument(
+        "--rankings",
+        default=DEFAULT_RANKING,
+        help="decode-time rankings of the dynamic policies, comma-separated "
+        f"({', '.join(RANKINGS)}; default {DEFAULT_RANKING})",
+    )
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=72)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +94,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
     for i, data in enumerate(sets):
         full = (args.sweep if i == 0 else args.dense_sweep) == "full"
         layers = int(model.config.text_config.num_hidden_layers)
-        specs = [s for s in sweep(full, dyrate) if (s.policy.layer or 1) < layers]
+        rankings = tuple(args.rankings.split(","))
+        specs = [s for s in sweep(full, dyrate, rankings) if (s.policy.k or 1) < layers]
         batches = prepare(processor, data, make_prompt(data.question), args.batch_size)
         batches = [{k: _to(k, v, model) for k, v in b.items()} for b in batches]
         rows = []
@@ -143,8 +112,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
                     engine=args.engine,
                 )
             )
+        attach_vs_fastv(rows)
         tables[data.name] = rows
-    return {"n_images": args.n, "engine": args.engine}, tables
+    currencies = {CURRENCY_FIELDS[c]: label for c, label in CURRENCY_LABELS.items()}
+    return {"n_images": args.n, "engine": args.engine, "currencies": currencies}, tables
 
 
 def _to(key: str, value: torch.Tensor, model) -> torch.Tensor:
@@ -182,22 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     write_json(out.with_suffix(".json"), meta, tables)
-    md = [f"# Caption quality vs decoder FLOPs ({meta['date']})\n"]
+    md = [f"# Caption quality vs decoder cost ({meta['date']})\n"]
     md.append(f"Machine: {meta['machine']}; commit {meta['commit']}; model {meta['model']}; ")
     md.append(f"greedy, at most {args.max_new_tokens} new tokens; {meta['seconds']:.0f} s.\n")
     md.append(
         "CIDEr: CIDEr-D x 100 (pycocoevalcap's scorer, lower-cased words, punctuation dropped); "
         "BLEU-4 x 100; Fact P / R: objects (colour + shape) and their places stated correctly / "
-        "all stated (hallucinations lower P) / all in the scene. FLOPs (%): decoder multiply-adds "
-        "(dyrate_ext.flops) per sample over the steps it ran, against NoPrune's for the same "
-        "prompt and length; kept image tokens: mean over those steps of what layers >= k hold.\n"
+        "all stated (hallucinations lower P) / all in the scene. Costs (dyrate_ext.costs), each "
+        "per sample over the steps it ran against NoPrune's for the same prompt and length: "
+        "KV-cache FLOPs (%): decoder multiply-adds with a KV cache (dyrate_ext.flops); "
+        "paper-style FLOPs (%, reconstruction): our reconstruction of the paper's count, every "
+        "step re-running the whole sequence without a cache; decode KV read (%): KV bytes the "
+        "attention reads while decoding; peak KV (%): the most KV bytes held. Kept image "
+        "tokens: mean over those steps of what layers >= k hold.\n"
     )
     if not args.predictor:
         md.append("DyRate: no predictor file given or found beside the model: no DyRate row.\n")
     for name, rows in tables.items():
         md.append(markdown_table(rows, name))
         style = name.rsplit(" ", 1)[-1]
-        plot_pareto(f"{out}_{style}.png", rows, f"CIDEr vs decoder FLOPs: {name}")
+        for currency, path in pareto_paths(out, style).items():
+            title = f"CIDEr vs {CURRENCY_LABELS[currency]}: {name}"
+            plot_pareto(path, rows, title, currency)
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"wrote {out}.json, {out}.md and the plots {out}_*.png")

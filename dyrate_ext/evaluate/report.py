@@ -1,5 +1,10 @@
-"""Write evaluation results: JSON, a markdown table shaped like the paper's Table III, and a
-Pareto plot (CIDEr vs decoder FLOPs %, one curve per policy family)."""
+"""Write evaluation results: JSON, a markdown table shaped like the paper's Table III (plus
+every cost currency and the CIDEr difference against FastV at equal cost), and Pareto plots
+(CIDEr vs one currency, % of NoPrune, one curve per policy family).
+
+Plot files (`pareto_paths`): OUT_<style>.png for KV-cache FLOPs (the name links already use),
+OUT_<style>_<currency>.png for paper_flops, kv_read_bytes and peak_kv_bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..costs import CURRENCIES
 from ..results import format_table, write_results
-from .runner import Row
+from .paired import format_paired, paired_note
+from .runner import CURRENCY_LABELS, Row
 
-__all__ = ["markdown_table", "plot_pareto", "rows_by_set", "write_json"]
+__all__ = [
+    "HEADERS",
+    "TABLE_PAIRED",
+    "markdown_table",
+    "pareto_paths",
+    "plot_pareto",
+    "rows_by_set",
+    "write_json",
+]
 
 ADAPTIVE = {"DyRate", "AttentionMass"}
+
+TABLE_PAIRED = ("flops", "kv_read_bytes")
+"""The currencies whose Δ vs FastV the markdown table shows (the JSON rows hold every one)."""
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
@@ -21,11 +39,16 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 HEADERS = [
     "Method",
-    "FLOPs (%)",
+    "KV-cache FLOPs (%)",
+    "Paper-style FLOPs (%, reconstruction)",
+    "Decode KV read (%)",
+    "Peak KV (%)",
     "GFLOPs / caption",
     "Prefill (ms / image)",
     "Decode (ms / step)",
     "CIDEr",
+    "Δ CIDEr vs FastV @ FLOPs",
+    "Δ CIDEr vs FastV @ KV read",
     "BLEU-4",
     "Fact P",
     "Fact R",
@@ -36,16 +59,23 @@ HEADERS = [
 
 
 def markdown_table(rows: list[Row], title: str) -> str:
-    """Table III's columns (method, FLOPs %, latency, CIDEr, auto rate) plus BLEU-4, fact
-    precision / recall, kept image tokens and caption length."""
+    """Table III's columns (method, FLOPs %, latency, CIDEr, auto rate) plus the other cost
+    currencies (% of NoPrune), the Δ CIDEr vs FastV at equal KV-cache FLOPs and at equal
+    decode KV bytes read (± paired SE; `dyrate_ext.evaluate.paired`, filled in by
+    `attach_vs_fastv`), BLEU-4, fact precision / recall, kept image tokens and caption
+    length; a note under it explains the Δ columns."""
     cells = [
         [
             r.name,
             f"{r.flops_percent:.1f}",
+            f"{r.paper_flops_percent:.1f}",
+            f"{r.kv_read_percent:.1f}",
+            f"{r.peak_kv_percent:.1f}",
             f"{r.gflops_per_caption:.3f}",
             f"{r.prefill_ms_per_image:.1f}",
             f"{r.decode_ms_per_step:.1f}",
             f"{r.cider:.1f}",
+            *(format_paired(r.vs_fastv.get(c)) if r.vs_fastv else "-" for c in TABLE_PAIRED),
             f"{r.bleu4:.1f}",
             _fmt(r.fact_precision),
             _fmt(r.fact_recall),
@@ -55,17 +85,20 @@ def markdown_table(rows: list[Row], title: str) -> str:
         ]
         for r in rows
     ]
-    return f"**{title}**\n\n{format_table(HEADERS, cells)}\n"
+    note = paired_note(rows, TABLE_PAIRED)
+    return f"**{title}**\n\n{format_table(HEADERS, cells)}\n\n{note}\n"
 
 
 def write_json(path: str | Path, meta: dict[str, Any], tables: dict[str, list[Row]]) -> None:
     """The shared results schema (`dyrate_ext.results`): one row per policy and caption set,
-    its set named in "set"; each row keeps 5 example captions."""
+    its set named in "set"; each row keeps 5 example captions, its per-picture CIDEr
+    ("cider_per_image", by image id) and its Δ vs FastV per currency ("vs_fastv")."""
     rows = []
     for name, table in tables.items():
         for r in table:
             d = asdict(r)
             d["examples"] = {str(k): v for k, v in list(r.captions.items())[:5]}
+            d["cider_per_image"] = {str(k): v for k, v in r.cider_per_image.items()}
             del d["captions"]
             rows.append({"set": name, **d})
     write_results(path, meta, rows)
@@ -79,8 +112,20 @@ def rows_by_set(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return tables
 
 
-def plot_pareto(path: str | Path, rows: list[Row], title: str) -> None:
-    """CIDEr against FLOPs %, one line per family (sorted by FLOPs), baselines as markers."""
+_XLABEL = "% of NoPrune, same caption lengths"
+
+
+def pareto_paths(out: str | Path, style: str) -> dict[str, str]:
+    """The plot file of each currency of CURRENCIES for output prefix `out` and a style:
+    OUT_<style>.png for KV-cache FLOPs, OUT_<style>_<currency>.png for the others."""
+    return {
+        c: f"{out}_{style}.png" if c == "flops" else f"{out}_{style}_{c}.png" for c in CURRENCIES
+    }
+
+
+def plot_pareto(path: str | Path, rows: list[Row], title: str, currency: str = "flops") -> None:
+    """CIDEr against the cost in `currency` (% of NoPrune), one line per family (sorted by
+    that cost), baselines as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,14 +136,14 @@ def plot_pareto(path: str | Path, rows: list[Row], title: str) -> None:
     for r in rows:
         families.setdefault(r.family, []).append(r)
     for fam, rs in families.items():
-        rs = sorted(rs, key=lambda r: r.flops_percent)
-        xs, ys = [r.flops_percent for r in rs], [r.cider for r in rs]
+        rs = sorted(rs, key=lambda r: r.cost_percent(currency))
+        xs, ys = [r.cost_percent(currency) for r in rs], [r.cider for r in rs]
         style = "*" if fam.startswith("NoPrune") else "o-"
         ax.plot(xs, ys, style, label=fam, markersize=9 if style == "*" else 5)
-        for r in rs:
+        for r, x in zip(rs, xs):
             if r.knob:
-                ax.annotate(r.knob, (r.flops_percent, r.cider), fontsize=6, alpha=0.7)
-    ax.set_xlabel("decoder FLOPs (% of NoPrune, same caption lengths)")
+                ax.annotate(r.knob, (x, r.cider), fontsize=6, alpha=0.7)
+    ax.set_xlabel(f"{CURRENCY_LABELS[currency]} ({_XLABEL})")
     ax.set_ylabel("CIDEr")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -4,7 +4,7 @@
     from dyrate_ext import FastV
     with dyrate_ext.hf.pruning(model, FastV(k=2, r=0.5)) as session:
         out = model.generate(**inputs, max_new_tokens=64)      # greedy, sampling, streamer...
-    session.trace.kept_image, session.trace.cache_bytes
+    session.trace.kept_image, session.trace.cache_bytes        # a dyrate_ext.state.Trace
 
 Supported: `LlavaForConditionalGeneration` (Llama text), `LlavaOnevisionForConditionalGeneration`
 (Qwen2 text, AnyRes), `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`
@@ -16,30 +16,38 @@ Any policy of `dyrate_ext.policies` (NoPrune, FastV, VTW, DyRate, AttentionMass)
 
 Design
 ------
-No modeling file is forked; the model runs its own modules. Four pieces, installed by
-`pruning(...)` for the duration of the `with` block and removed on exit:
+No modeling file is forked; the model runs its own modules. Each `generate()` call drives one
+`dyrate_ext.state.PruningState`, the state machine the reference loop drives too (layout,
+decisions, compaction, trace). Four pieces, installed by `pruning(...)` for the duration of
+the `with` block and removed on exit:
 
-1. `PruningCache` (cache.py), a transformers `Cache`. Layers < k keep every slot; layers >= k
-   share one compacted layout that `dyrate_ext.prune_kv` shrinks in place; each group keeps
-   its own `token_type` (and the pruned group the origin of each slot). Its buffers grow by a
+1. `PruningCache` (cache.py), a transformers `Cache` over the state's two groups
+   (`dyrate_ext.slots.SlotGroup`). Layers < k keep every slot; layers >= k share one
+   compacted layout that `dyrate_ext.prune_kv` shrinks in place. The buffers grow by a
    sixteenth and are reallocated smaller once a compaction leaves them more than a quarter
-   empty, so the bytes held follow the live slots (`session.trace.cache_bytes`).
+   empty, so the bytes held follow the live slots (`session.trace.cache_bytes`, bound in
+   `dyrate_ext.slots`).
 2. Attention functions registered with transformers' `AttentionInterface` ("dyrate_sdpa",
    "dyrate_eager", attention.py) that wrap transformers' own sdpa / eager attention: layers
    < k use transformers' mask unchanged (it is sized from layer 0, a full layer), layers >= k
    get a mask built from their own slot types, so every mask matches its layer's cache. The
-   scoring layer's statistics come from `dyrate_ext.attention_stats` on its queries and keys
-   (no attention matrix, no `output_attentions`).
-3. Hooks (session.py): the model's forward pre-hook reads the slot types from `input_ids`
-   (the config's image and video token ids; text before the first image token is "system",
-   after it "instruction") and starts the cache; layer k's pre-hook, at the prefill, keeps
-   only the rows the policy kept (hidden states and rotary cos/sin gathered, right-aligned
-   so the last row stays each prompt's last token), so layers >= k never compute the removed
-   tokens. Decoding steps prune inside the scoring layer's attention call, before layers >= k
-   run.
+   scoring layer hands its queries and keys to the state (`dyrate_ext.attention_stats`: no
+   attention matrix, no `output_attentions`), where the policy decides.
+3. Hooks (session.py): the model's forward pre-hook finds the call's PruningCache, its
+   forward hook ends the state's step; layer k's pre-hook, at the prefill, keeps only the rows
+   the policy kept (hidden states and rotary cos/sin gathered, right-aligned so the last row
+   stays each prompt's last token), so layers >= k never compute the removed tokens. Decoding
+   steps prune inside the scoring layer's attention call, before layers >= k run.
 4. A wrapper of the instance's `generate` that refuses what cannot work before anything runs
    (beam search, assisted decoding, a cache of the caller's, right padding, a prompt ending
-   with an image token) and passes a fresh PruningCache as `cache=`.
+   with an image token), reads the slot types from `input_ids` (the config's image and video
+   token ids; text before the first image token is "system", after it "instruction") and
+   passes a fresh PruningCache as `cache=`.
+
+The transformers internals this relies on (the Cache and cache-layer methods, `cache=` in the
+model's forward, the decoder layers' keyword arguments, the modeling file's eager attention)
+are checked at `pruning()` entry (`_compat.check_api`), with an error naming the transformers
+version when one changed.
 
 Inside the block, a forward call without a PruningCache (e.g. `model(**inputs)`) is the
 vanilla one. At a pruned prefill, layers >= k see only the kept rows, so their hidden states
@@ -61,13 +69,12 @@ from torch import nn
 from ..policies import Policy
 from ._compat import FAMILIES, TESTED_TRANSFORMERS, TRANSFORMERS_REQUIREMENT, supported_models
 from .cache import PruningCache
-from .session import HFTrace, PruningSession, prompt_types
+from .session import PruningSession, prompt_types
 
 __all__ = [
     "FAMILIES",
     "TESTED_TRANSFORMERS",
     "TRANSFORMERS_REQUIREMENT",
-    "HFTrace",
     "PruningCache",
     "PruningSession",
     "prompt_types",
@@ -85,7 +92,8 @@ def pruning(model: nn.Module, policy: Policy | None = None) -> Iterator[PruningS
         policy: NoPrune (default), FastV, VTW, DyRate, AttentionMass or a Policy subclass.
 
     Yields:
-        The PruningSession; `session.trace` is the HFTrace of the last generate() call.
+        The PruningSession; `session.trace` is the `dyrate_ext.state.Trace` of the last
+        generate() call.
 
     Raises:
         TypeError: unsupported model class or text model; policy not a Policy.
@@ -93,6 +101,9 @@ def pruning(model: nn.Module, policy: Policy | None = None) -> Iterator[PruningS
             an attention implementation other than eager / sdpa. Inside the block,
             `generate()` raises ValueError for beam search, assisted decoding, a cache of
             the caller's, right padding or a prompt ending with an image token.
+        RuntimeError: the model is already inside a pruning block (blocks do not nest) or its
+            `generate` is already replaced on the instance; a transformers whose internals
+            differ from the tested ones (the message names the version).
     """
     session = PruningSession(model, policy)
     session.install()

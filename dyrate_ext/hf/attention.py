@@ -1,13 +1,13 @@
 """The attention functions `dyrate_ext.hf` registers with transformers' attention interface.
 
 `dyrate_eager` and `dyrate_sdpa` wrap transformers' own eager (the modeling file's
-`eager_attention_forward`) and sdpa (`sdpa_attention_forward`) functions. While a pruning
+`eager_attention_forward`, found once at `pruning()` entry by `_compat.check_api`) and sdpa (`sdpa_attention_forward`) functions. While a pruning
 session is active on the module's model they:
 
 - in layers < k (the full group): call the wrapped function with transformers' own mask (it is
   built from layer 0's length, which is the full group's), so an unpruned layer computes exactly
   what vanilla `generate()` computes; at the scoring layer they also hand the queries and the
-  layer's keys to the session, which computes `dyrate_ext.attention_stats` (no attention
+  layer's keys to the session's PruningState, which computes `dyrate_ext.attention_stats` (no attention
   matrix, no `output_attentions`) and lets the policy decide;
 - in layers >= k (the pruned group): replace the mask by one built from the group's own slot
   types, [B, 1, Q, L_pruned], so it matches the pruned cache whatever its length.
@@ -19,7 +19,6 @@ builders), so `create_causal_mask` behaves as for "sdpa" / "eager".
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,24 +26,15 @@ from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
-from transformers.models.llama.modeling_llama import (
-    eager_attention_forward as llama_eager_attention_forward,
-)
 
 IMPLEMENTATIONS = {"eager": "dyrate_eager", "sdpa": "dyrate_sdpa"}
 """transformers' attention implementation -> the name dyrate_ext.hf registers for it."""
 
 
-def _eager_of(module: nn.Module) -> Callable[..., Any]:
-    """The modeling file's own eager attention (Llama's when it has none)."""
-    mod = sys.modules.get(type(module).__module__)
-    return getattr(mod, "eager_attention_forward", llama_eager_attention_forward)
-
-
 def _run(
     base: Callable[..., Any],
     additive: bool,
-    module: nn.Module,
+    module: Any,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -55,12 +45,13 @@ def _run(
     cache = None if session is None else session.active
     if cache is None:
         return base(module, query, key, value, attention_mask, **kwargs)
+    state = cache.state
     layer = int(module.layer_idx)
-    group = cache.group(layer)
-    if group is cache.full:
+    group = state.group(layer)
+    if group is state.full:
         out = base(module, query, key, value, attention_mask, **kwargs)
-        if layer == session.stats_layer:
-            session.on_scoring_layer(query, key, float(module.scaling))
+        if layer == state.scoring_layer:
+            state.on_scoring_layer(query, key, float(module.scaling))
         return out
     mask = group.mask(query.shape[2], query.dtype, additive)
     return base(module, query, key, value, mask, **kwargs)
@@ -70,7 +61,12 @@ def dyrate_eager(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kw
 ):
     """transformers' eager attention, with each layer's own mask under a pruning session."""
-    return _run(_eager_of(module), True, module, query, key, value, attention_mask, **kw)
+    session = getattr(module, "_dyrate_session", None)
+    if session is None:
+        raise RuntimeError(
+            "the dyrate_eager attention runs only inside a dyrate_ext.hf.pruning block"
+        )
+    return _run(session.eager, True, module, query, key, value, attention_mask, **kw)
 
 
 def dyrate_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kw):

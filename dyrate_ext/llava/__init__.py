@@ -6,21 +6,23 @@
 
 `model` is a `transformers.LlavaForConditionalGeneration` (transformers >=5,<6, the `llava`
 extra; a Llama text model). The loop uses the model's own modules and weights but runs the
-decoder itself, layer by layer, on a KV cache it owns: layers < k keep every slot, layers >= k
-hold only the kept ones, compacted in place by `dyrate_ext.prune_kv`. How and why: the "LLaVA
-decoding loop" section of docs/DESIGN.md.
+decoder itself, layer by layer, on the KV cache of a `dyrate_ext.state.PruningState` (the
+state machine every engine shares): layers < k keep every slot, layers >= k hold only the
+kept ones, compacted in place by `dyrate_ext.prune_kv`. How and why: the "LLaVA decoding
+loop" section of docs/DESIGN.md.
 
-Modules: `cache` (LayerGroup, DecoderCache, Trace, GenerateOutput), `inputs` (checks, prompt
-slot types), `decoder` (one layer at a time), `run` (one generation's state), `sampling`,
-`generate`, `embedded` (the embedded model, tokenizer and processor built in code).
+Modules: `inputs` (checks, image features), `decoder` (one layer at a time), `run` (the
+driver of one generation), `sampling`, `generate` (the entry point and GenerateOutput).
 """
 
-from .compat import SUPPORTED_TEXT_MODELS, TRANSFORMERS_REQUIREMENT  # noqa: I001 (checks first)
+from .. import _transformers  # noqa: F401  (the version check, before transformers)
+from .._transformers import TRANSFORMERS_REQUIREMENT
 from ..policies import VTW, AttentionMass, Decision, DyRate, FastV, NoPrune, Policy, StepStats
 from ..predictor import RatePredictor
-from .cache import DecoderCache, GenerateOutput, LayerGroup, Trace
-from .generate import generate
-from .inputs import prompt_token_type
+from ..state import PruningState, Trace
+from ..token_types import prompt_token_type
+from .generate import GenerateOutput, generate
+from .inputs import SUPPORTED_TEXT_MODELS
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
@@ -28,13 +30,12 @@ __all__ = [
     "VTW",
     "AttentionMass",
     "Decision",
-    "DecoderCache",
     "DyRate",
     "FastV",
     "GenerateOutput",
-    "LayerGroup",
     "NoPrune",
     "Policy",
+    "PruningState",
     "RatePredictor",
     "StepStats",
     "Trace",

@@ -1,30 +1,33 @@
-"""The Llama text model of a LLaVA model, run layer by layer on the loop's own KV cache.
+"""The Llama text model of a LLaVA model, run layer by layer on a `PruningState`'s KV cache.
 
 Uses the model's own modules and weights (norms, q/k/v/o projections, MLP, rotary embedding,
 final norm, LM head); attention is explicit matmul + softmax ("eager", as HF's) or
-`scaled_dot_product_attention`. Each group builds its mask from its own token_type, so the mask
-always matches that group's (pruned or not) cache.
+`scaled_dot_product_attention`. Each group's mask comes from its own token_type
+(`SlotGroup.mask`), so the mask always matches that group's (pruned or not) cache.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .. import ops
-from .cache import LayerGroup
+from ..slots import SlotGroup
+from ..state import PruningState
 
-__all__ = ["Decoder", "allowed_slots", "rotated_qkv"]
+__all__ = ["Decoder", "rotated_qkv"]
 
 
 def rotated_qkv(
-    layer: nn.Module, h: Tensor, head_dim: int, cos_sin: tuple[Tensor, Tensor]
+    layer: Any, h: Tensor, head_dim: int, cos_sin: tuple[Tensor, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A Llama decoder layer's queries [B, H, Q, D] and keys and values [B, H_kv, Q, D] for
-    hidden states h [B, Q, hidden]: input norm, q/k/v projections, rotary on q and k."""
+    hidden states h [B, Q, hidden]: input norm, q/k/v projections, rotary on q and k.
+    (`layer` is typed Any: nn.Module types its submodules as `Tensor | Module`.)"""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (h.shape[0], h.shape[1], -1, head_dim)
@@ -35,26 +38,14 @@ def rotated_qkv(
     return q, k, v
 
 
-def allowed_slots(token_type: Tensor, q_len: int) -> Tensor:
-    """bool [B, 1, Q, L]: query row i (slot L - Q + i) sees slot j when j is not empty and
-    j <= L - Q + i; it always sees its own slot."""
-    b, length = token_type.shape
-    dev = token_type.device
-    rows = torch.arange(length - q_len, length, device=dev)[:, None]
-    cols = torch.arange(length, device=dev)[None, :]
-    allowed = (token_type >= 0)[:, None, :] & (cols <= rows)[None]
-    allowed = allowed | (cols == rows)[None]
-    return allowed[:, None]
-
-
 class Decoder:
-    """Runs the Llama text model of a LLaVA model layer by layer on a DecoderCache."""
+    """Runs the Llama text model of a LLaVA model layer by layer on a PruningState."""
 
     def __init__(self, model: LlavaForConditionalGeneration, attn_implementation: str | None):
         self.model = model
         self.text = model.model.language_model
         self.layers = list(self.text.layers)
-        cfg = model.config.text_config
+        cfg: Any = model.config.text_config  # transformers types it `dict | config | None`
         self.num_layers = len(self.layers)
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(cfg.num_key_value_heads)
@@ -66,15 +57,6 @@ class Decoder:
         self.eager = impl == "eager"
 
     # ---- one layer ------------------------------------------------------------------------
-
-    def mask(self, token_type: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
-        """The attention mask of Q new rows over a group's cache, [B, 1, Q, L]: boolean (True
-        = visible) for sdpa, additive (0 or the dtype's minimum, as HF's eager) for eager."""
-        allowed = allowed_slots(token_type, q_len)
-        if not self.eager:
-            return allowed
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """[B, H, Q, D] attention output; q [B, H, Q, D], k/v [B, H_kv, L, D], mask from
@@ -105,58 +87,33 @@ class Decoder:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _layer(
-        self,
-        index: int,
-        h: Tensor,
-        group: LayerGroup,
-        cos_sin: tuple[Tensor, Tensor],
-        mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run decoder layer `index` on h [B, Q, hidden], writing its keys/values to slots
-        [length, length + Q) of `group` (whose token_type already covers them).
-
-        Returns the new hidden states, the rotated queries [B, H, Q, D] and the keys
-        [B, H_kv, length + Q, D] the layer attended to.
-        """
+        self, index: int, h: Tensor, state: PruningState, cos_sin: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """Run decoder layer `index` on h [B, Q, hidden]: its keys/values join the state's
+        cache (the group's first layer extends the layout by the new rows, so the mask, built
+        once per group and forward, comes after it); the scoring layer hands its queries and
+        keys to the state."""
         layer = self.layers[index]
         b, q_len, _ = h.shape
         q, k, v = rotated_qkv(layer, h, self.head_dim, cos_sin)
-        i = index - group.layers.start
-        end = group.length + q_len
-        group.keys[i][:, :, group.length : end] = k
-        group.values[i][:, :, group.length : end] = v
-        keys = group.keys[i][:, :, :end]
-        out = self._attend(q, keys, group.values[i][:, :, :end], mask)
+        keys, values = state.update(index, k, v)
+        mask = state.group(index).mask(q_len, h.dtype, additive=self.eager)
+        out = self._attend(q, keys, values, mask)
+        if index == state.scoring_layer:
+            state.on_scoring_layer(q, keys, self.scale)
         out = out.transpose(1, 2).reshape(b, q_len, -1)
         h = h + layer.self_attn.o_proj(out)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, q, keys
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def run_group(
-        self,
-        h: Tensor,
-        group: LayerGroup,
-        positions: Tensor,
-        stats_layer: int | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Run all layers of `group` on h [B, Q, hidden] at `positions` [B, Q]; the group's
-        token_type must already cover the Q new slots. Advances group.length by Q.
-
-        Returns the hidden states and, when `stats_layer` is in the group, attention_stats
-        (type_mass [B, H, 4], token_score [B, L]) of the last query row at that layer.
-        """
-        q_len = h.shape[1]
+        self, h: Tensor, group: SlotGroup, positions: Tensor, state: PruningState
+    ) -> Tensor:
+        """Run all layers of `group` (one of the state's) on h [B, Q, hidden] at rotary
+        `positions` [B, Q]; returns the hidden states."""
         cos_sin = self.text.rotary_emb(h, positions)
-        mask = self.mask(group.token_type, q_len, h.dtype)
-        stats = None
         for index in group.layers:
-            h, q, keys = self._layer(index, h, group, cos_sin, mask)
-            if index == stats_layer:
-                stats = ops.attention_stats(
-                    q[:, :, -1:], keys, group.token_type, self.scale, causal=True
-                )
-        group.length += q_len
-        return h, stats
+            h = self._layer(index, h, state, cos_sin)
+        return h
 
     def logits(self, h: Tensor) -> Tensor:
         """float32 [B, V] from the last hidden states h [B, hidden]."""

@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
 from ..policies import NoPrune, Policy
-from ..token_types import TokenType
-from .cache import GenerateOutput
+from ..state import PruningState, Trace
+from ..token_types import TokenType, prompt_token_type
 from .decoder import Decoder
-from .inputs import check_left_padded, check_model, eos_ids, image_features, prompt_token_type
+from .inputs import check_left_padded, check_model, eos_ids, image_features
 from .run import Generation
 from .sampling import choose_next_token
 
-__all__ = ["generate"]
+__all__ = ["GenerateOutput", "generate"]
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate` returns.
+
+    Attributes:
+        sequences: int64 [B, S + T], the prompt as given then the generated tokens (pad_token_id
+            after a sample stopped), like HF's `generate`.
+        trace: the per-step `dyrate_ext.state.Trace`.
+        logits: float32 [T, B, V], each step's next-token logits (before sampling processors),
+            when output_logits=True.
+        cache: the final PruningState (its `full` / `pruned` SlotGroups hold the keys and
+            values), when return_cache=True.
+        prompt_length: S.
+    """
+
+    sequences: Tensor
+    trace: Trace
+    logits: Tensor | None = None
+    cache: PruningState | None = None
+    prompt_length: int = 0
+
+    @property
+    def new_tokens(self) -> Tensor:
+        """int64 [B, T], the generated tokens."""
+        return self.sequences[:, self.prompt_length :]
+
 
 _DEFAULT = object()
 
@@ -63,7 +92,7 @@ def generate(
         attn_implementation: "eager" or "sdpa"; default the text config's implementation
             (anything but "eager" runs sdpa).
         output_logits: also return each step's logits, float32 [T, B, V].
-        return_cache: also return the final DecoderCache.
+        return_cache: also return the final PruningState (the cache).
 
     Returns:
         GenerateOutput with sequences [B, S + T] and the Trace (see the module docstring).
@@ -100,7 +129,7 @@ def generate(
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
-    run = Generation(dec, policy, types, max_new_tokens, output_logits)
+    run = Generation(dec, policy, types, output_logits)
     logits = run.prefill(embeds, attention_mask)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     generated: list[Tensor] = []
@@ -116,9 +145,9 @@ def generate(
 
     return GenerateOutput(
         sequences=torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1),
-        trace=run.trace(),
+        trace=run.state.trace(),
         logits=torch.stack(run.logits) if output_logits else None,
-        cache=run.cache if return_cache else None,
+        cache=run.state if return_cache else None,
         prompt_length=input_ids.shape[1],
     )
 

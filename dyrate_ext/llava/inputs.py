@@ -9,10 +9,16 @@ import torch
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from ..token_types import TokenType
-from .compat import SUPPORTED_TEXT_MODELS
+__all__ = [
+    "SUPPORTED_TEXT_MODELS",
+    "check_left_padded",
+    "check_model",
+    "eos_ids",
+    "image_features",
+]
 
-__all__ = ["check_left_padded", "check_model", "eos_ids", "image_features", "prompt_token_type"]
+SUPPORTED_TEXT_MODELS = ("llama",)
+"""`text_config.model_type` values the reference loop's decoder reimplementation is exact for."""
 
 
 def check_model(model: object) -> None:
@@ -40,34 +46,6 @@ def check_left_padded(attention_mask: Tensor) -> None:
         )
     if (m.sum(dim=1) == 0).any():
         raise ValueError("attention_mask has a row with no real token")
-
-
-def prompt_token_type(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
-    """int8 [B, S]: 0 system (before the first image token), 1 image, 2 instruction (text after
-    the first image token), -1 padding.
-
-    Raises ValueError when a sample has no image token or ends with one.
-    """
-    real = attention_mask.bool()
-    image = (input_ids == image_token_id) & real
-    counts = image.sum(dim=1)
-    if (counts == 0).any():
-        bad = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(
-            f"no image token (image_token_id={image_token_id}) in the prompt of sample(s) {bad}"
-        )
-    if image[:, -1].any():
-        bad = torch.nonzero(image[:, -1]).flatten().tolist()
-        raise ValueError(
-            f"the prompt of sample(s) {bad} ends with an image token; it must end with text "
-            "(the last prompt token is never pruned and gives the first logits)"
-        )
-    after_first = image.to(torch.int64).cumsum(dim=1) > 0
-    types = torch.full(input_ids.shape, TokenType.EMPTY, dtype=torch.int8, device=input_ids.device)
-    types[real & ~after_first] = TokenType.SYSTEM
-    types[real & after_first] = TokenType.INSTRUCTION
-    types[image] = TokenType.IMAGE
-    return types
 
 
 def image_features(

@@ -17,6 +17,7 @@ on one-hot pi it is exactly `dyrate_ext.flops.generation_flops`' count (tested).
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -66,6 +67,42 @@ def rate_keep_counts(num_image: Tensor, num_rates: int) -> Tensor:
     j = torch.arange(num_rates, device=num_image.device)
     n = num_image.to(torch.int64)[:, None]
     return n - torch.div(j[None] * n, num_rates, rounding_mode="floor")
+
+
+@overload
+def expected_flops(
+    shape: DecoderShape,
+    k: int,
+    pi: Tensor,
+    num_image: Tensor,
+    prompt_length: Tensor,
+    row_valid: Tensor,
+    parts: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def expected_flops(
+    shape: DecoderShape,
+    k: int,
+    pi: Tensor,
+    num_image: Tensor,
+    prompt_length: Tensor,
+    row_valid: Tensor,
+    parts: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def expected_flops(
+    shape: DecoderShape,
+    k: int,
+    pi: Tensor,
+    num_image: Tensor,
+    prompt_length: Tensor,
+    row_valid: Tensor,
+    parts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def expected_flops(

@@ -36,19 +36,21 @@ those of `dyrate_ext.llava.generate` (tested to 1e-4 in float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..token_types import NUM_TYPES, TokenType
+from ..policies import DEFAULT_RANKING, check_ranking
+from ..slots import allowed_slots
+from ..token_types import NUM_TYPES, TokenType, prompt_token_type
 from .gumbel import rate_keep_counts
 
 try:
     from transformers import LlavaForConditionalGeneration
 
-    from ..llava import prompt_token_type
-    from ..llava.decoder import allowed_slots, rotated_qkv
+    from ..llava.decoder import rotated_qkv
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "dyrate_ext.train needs transformers>=5,<6: pip install 'transformers>=5,<6'"
@@ -83,7 +85,14 @@ class CaptionBatch:
         def move(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.to(device)
 
-        return CaptionBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+        return CaptionBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            pixel_values=move(self.pixel_values),
+            caption_ids=self.caption_ids.to(device),
+            caption_mask=self.caption_mask.to(device),
+            image_features=move(self.image_features),
+        )
 
 
 @dataclass
@@ -118,8 +127,25 @@ class Prepared:
         return Prepared(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+def ranked_scores(token_score: Tensor, ranking: str) -> Tensor:
+    """The scores [B, C, N] each step ranks the held image tokens by, as the engines'
+    `PruningState` does (`dyrate_ext.policies.RANKINGS`): each step's own ("current"), the
+    running sum over the steps so far ("accumulated"), or the prefill row's ("prefill")."""
+    check_ranking("keep_masks", ranking)
+    if ranking == "accumulated":
+        return token_score.cumsum(dim=1)
+    if ranking == "prefill":
+        return token_score[:, :1].expand_as(token_score)
+    return token_score
+
+
 def keep_masks(
-    token_score: Tensor, token_type: Tensor, y: Tensor, row_valid: Tensor, chain: bool = False
+    token_score: Tensor,
+    token_type: Tensor,
+    y: Tensor,
+    row_valid: Tensor,
+    chain: bool = False,
+    ranking: str = DEFAULT_RANKING,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-step image keep masks of eqs. 3 and 5 under inference's never-grow rule.
 
@@ -133,6 +159,8 @@ def keep_masks(
             (m_t = hard_t + sum_{s<=t} (soft_s - soft_s.detach())): the same values, but a
             token removed at step s is missing from all later steps, and so is its cost.
             Off by default: on the tiny LLaVA it overweights the prefill decision (measured).
+        ranking: how a decoding step ranks the held image tokens (`ranked_scores`); the
+            engines' default, so training sees the removals inference makes.
 
     Returns:
         m: float [B, C, N], sum_j y_tj m^j_t (1 on kept image slots, 0 elsewhere).
@@ -147,6 +175,7 @@ def keep_masks(
     held_count = held.sum(dim=1)
     choice = y.detach().argmax(dim=-1)  # [B, C]
     slots = torch.arange(length, device=token_score.device).expand(batch, length)
+    token_score = ranked_scores(token_score, ranking)
     masks, kept, clamped = [], [], []
     for t in range(steps):
         s = token_score[:, t].detach().float().masked_fill(~held, float("-inf"))
@@ -182,7 +211,9 @@ class MaskedLlava:
                 f"model must be a transformers LlavaForConditionalGeneration, got "
                 f"{type(model).__name__}"
             )
-        cfg = model.config.text_config
+        # transformers types text_config as `PretrainedConfig | dict | None`; on a built model it
+        # is the text model's config (checked to be a LlamaConfig just below).
+        cfg: Any = model.config.text_config
         if getattr(cfg, "model_type", None) != "llama":
             raise TypeError(f"unsupported LLaVA text model {cfg.model_type!r}; supported: llama")
         self.model = model
@@ -238,6 +269,9 @@ class MaskedLlava:
         embeds = model.get_input_embeddings()(fed)
         feats = batch.image_features
         if feats is None:
+            assert batch.pixel_values is not None, (
+                "CaptionBatch needs pixel_values or image_features"
+            )
             out = model.model.get_image_features(
                 pixel_values=batch.pixel_values.to(embeds.dtype), return_dict=True
             )

@@ -4,7 +4,7 @@ A real `transformers.LlavaForConditionalGeneration`: a CLIP vision tower (112-pi
 14-pixel patches -> 8 x 8 = 64 image tokens, class token dropped, features of the
 penultimate layer), LLaVA's two-layer GELU projector, and a Llama decoder with grouped-query
 attention (6 layers, width 128, 4 query heads of 32 sharing 2 key/value heads). The tokenizer
-is the embedded word-level tokenizer (`dyrate_ext.llava.embedded.build_tokenizer`) with the
+is the embedded word-level tokenizer (`dyrate_ext.embedded.build_tokenizer`) with the
 caption grammar's words added. Prompts use LLaVA-1.5's template with a shorter system prompt
 (`TINY_SYSTEM`, to save CPU time in training): build them with `tiny_prompt(question)`.
 
@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from ..data import grammar_words
-from ..llava.embedded import (
+from ..embedded import (
     IMAGE_TOKEN,
     build_processor,
     build_tokenizer,
@@ -126,10 +126,12 @@ def tiny_llava(
     """A randomly initialised float32 tiny LLaVA (HF's init, seeded by `config.seed`)."""
     c = config
     ids = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert isinstance(image_token_id, int)  # one token in, one id out
     llava = llava_config(
         c,
         len(tokenizer),
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_id,
         vision_heads=c.vision_heads,
         vision_mlp_ratio=4,
         max_position_embeddings=512,
@@ -179,7 +181,9 @@ def load_tiny_llava(
             f"no tiny LLaVA checkpoint at {folder} (config.json missing): train one with "
             "`python -m dyrate_ext.train vlm`"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(
+    # Any: transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy
+    # reads as an unbound function (it asks for `self`).
+    model: Any = LlavaForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, attn_implementation=attn_implementation
     )
     processor = LlavaProcessor.from_pretrained(folder)

@@ -56,6 +56,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,6 +69,9 @@ from .caption_batches import (
     load_examples,
 )
 from .predictor_train import TrainResult, check_budget, train_predictor
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 __all__ = ["TrainResult", "build_parser", "check_budget", "main", "train_predictor"]
 
@@ -139,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load_model(path: str | None, device: str) -> tuple[torch.nn.Module, object, str]:
+def _load_model(path: str | None, device: str) -> tuple[LlavaForConditionalGeneration, object, str]:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     if path is None:
@@ -148,12 +152,14 @@ def _load_model(path: str | None, device: str) -> tuple[torch.nn.Module, object,
         path = os.fspath(DEFAULT_CHECKPOINT)
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json (a llava-hf checkpoint folder)")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    # Any: transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy
+    # reads as an unbound function (it asks for `self`).
+    model: Any = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
     return model.to(device).eval(), processor, path
 
 
-def _model_id(model: torch.nn.Module, path: str) -> dict[str, str]:
+def _model_id(model: LlavaForConditionalGeneration, path: str) -> dict[str, str]:
     import hashlib
 
     cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
@@ -169,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     check_budget(args.budget)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor, path = _load_model(args.model, device)
-    n_layers = int(model.config.text_config.num_hidden_layers)
+    # Any: transformers types text_config as `PretrainedConfig | dict | None`; a loaded model's
+    # is its text model's config.
+    text_config: Any = model.config.text_config
+    n_layers = int(text_config.num_hidden_layers)
     if not 1 <= args.k < n_layers:
         raise ValueError(f"--k {args.k} is out of range [1, {n_layers - 1}] for this model")
     init = RatePredictor.load(args.init) if args.init else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from ..flops import DecoderShape
 from ..predictor import RatePredictor
 from .gumbel import expected_flops, st_gumbel_softmax, temperature
 from .masked_forward import CaptionBatch, MaskedLlava, Prepared, keep_masks
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 __all__ = ["TrainResult", "check_budget", "train_predictor"]
 
@@ -97,7 +101,7 @@ def _fold(pred: RatePredictor, mean: Tensor, std: Tensor) -> RatePredictor:
 
 
 def train_predictor(
-    model: torch.nn.Module,
+    model: LlavaForConditionalGeneration,
     batches: list[CaptionBatch],
     *,
     k: int,

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -44,6 +45,9 @@ from .model import (
     tiny_llava,
     tiny_prompt,
 )
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 __all__ = [
     "Batcher",
@@ -90,8 +94,8 @@ class TrainResult:
     """What a run returns: the trained model (float32, eval mode), per-step losses and
     (step, validation loss) pairs."""
 
-    model: torch.nn.Module
-    processor: object
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
     losses: list[float]
     val_losses: list[tuple[int, float]]
     seconds: float

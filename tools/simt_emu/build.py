@@ -52,6 +52,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     dyrate::compact_cuda(tensors, keep_index, new_length);
   });
   m.def("compact_token_type_", &dyrate::compact_token_type_cuda);
+  m.def("compact_paged_", [](std::vector<at::Tensor> caches, std::vector<std::string> layouts,
+                             const at::Tensor& block_table, const at::Tensor& keep_index,
+                             const at::Tensor& new_length) {
+    dyrate::compact_paged_cuda(caches, layouts, block_table, keep_index, new_length);
+  });
   m.def("set_sm_count", [](int n) {
     emu::st().sm_count = n;
     emu::select_device();
@@ -78,11 +83,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     namespace K = dyrate::kernels;
     K::CompactTable t{};
     t.L = static_cast<int32_t>(keep_index.size(1));
-    t.keep_index = keep_index.const_data_ptr<int64_t>();
-    t.ki_stride_b = keep_index.stride(0);
-    t.ki_stride_l = keep_index.stride(1);
-    t.new_length = new_length.const_data_ptr<int64_t>();
-    t.nl_stride = new_length.stride(0);
+    t.plan = {keep_index.const_data_ptr<int64_t>(), keep_index.stride(0), keep_index.stride(1),
+              new_length.const_data_ptr<int64_t>(), new_length.stride(0)};
     for (const at::Tensor& x : tensors) {
       TORCH_CHECK(x.scalar_type() == at::kFloat && t.count < K::kCompactMaxTensors);
       K::CompactTensor& e = t.tensors[t.count];

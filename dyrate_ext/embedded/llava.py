@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _transformers  # noqa: F401  (the version check, before transformers)
 from ..predictor import RatePredictor
 from ..token_types import TokenType
 
@@ -263,6 +264,9 @@ def llava_config(
         projection_dim=c.vision_hidden_size,
     )
     unk, bos, eos, pad = special_ids
+    # unk_token_id is no LlamaConfig field (transformers keeps it as an extra attribute), so it
+    # goes through **kwargs, which the typed signature does not list.
+    extra: dict[str, Any] = {"unk_token_id": unk}
     text = LlamaConfig(
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -271,15 +275,15 @@ def llava_config(
         num_key_value_heads=c.num_kv_heads,
         vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
-        unk_token_id=unk,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,
+        **extra,
     )
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,  # the field behind LlavaConfig.image_token_id
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=c.image_tokens,
@@ -323,7 +327,7 @@ def embedded_llava(
 
 def image_mass(trace: Any) -> Tensor:
     """float32 [T, B]: the attention mass on image tokens at the scoring layer, averaged over
-    heads, at each step of a run whose policy records type mass (e.g. NoPrune(stats_layer=))."""
+    heads, at each step of a run whose policy records type mass (e.g. NoPrune(scoring_layer=))."""
     if trace.type_mass is None:
         raise ValueError("the trace has no type mass: run a policy with a scoring layer")
     return trace.type_mass[..., TokenType.IMAGE].mean(dim=-1).float()
@@ -348,7 +352,7 @@ def hand_set_predictor(
     stand-in for a trained predictor, nothing more.
 
     Args:
-        trace: the Trace of a NoPrune(stats_layer=k - 1) run (k: DyRate's first pruned layer).
+        trace: the Trace of a NoPrune(scoring_layer=k - 1) run (k: DyRate's first pruned layer).
         num_heads: the model's attention heads.
         num_rates: K >= 3.
         high, low: override the calibrated values.

@@ -1,11 +1,11 @@
 """Generation under a pruning policy by either engine, timed: the reference loop
 (`dyrate_ext.llava.generate`) or Hugging Face's own `model.generate()` inside
-`dyrate_ext.hf.pruning`. The demo, the evaluation and the end-to-end benchmark share it.
+`dyrate_ext.hf.pruning`. The demo, the evaluation and the end-to-end benchmark share it; both
+engines drive the same `dyrate_ext.state.PruningState` and give the same `Trace`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ import torch
 from ..llava import GenerateOutput, Policy, generate
 from ..timing import StepClock
 
-__all__ = ["ENGINES", "ENGINE_NOTE", "HFGenerateOutput", "run_policy"]
+__all__ = ["ENGINES", "ENGINE_NOTE", "generate_timed"]
 
 ENGINE_NOTE = {
     "loop": "dyrate_ext.llava.generate (the reference loop)",
@@ -22,19 +22,12 @@ ENGINE_NOTE = {
 """How the demo and reports name each engine."""
 
 
-ENGINES = ("loop", "hf")
+ENGINES = tuple(ENGINE_NOTE)
 """`loop`: the reference loop `dyrate_ext.llava.generate`; `hf`: Hugging Face's own
 `model.generate()` inside `dyrate_ext.hf.pruning`."""
 
 
-@dataclass
-class HFGenerateOutput(GenerateOutput):
-    """A GenerateOutput of the "hf" engine: also the session's `dyrate_ext.hf.HFTrace`."""
-
-    hf_trace: Any = None
-
-
-def run_policy(
+def generate_timed(
     model: Any,
     inputs: dict[str, torch.Tensor],
     policy: Policy,
@@ -44,8 +37,7 @@ def run_policy(
     on_step: Any = None,
     engine: str = "loop",
 ) -> tuple[GenerateOutput, StepClock]:
-    """Generate under `policy` with `engine` (see ENGINES), timed by a StepClock. With "hf" the
-    output is an HFGenerateOutput (its `hf_trace` has the cache bytes per step)."""
+    """Generate greedily under `policy` with `engine` (see ENGINES), timed by a StepClock."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "loop":
@@ -61,7 +53,7 @@ def run_policy(
                 pad_token_id=pad,
             )
         return out, clock
-    from . import pruning
+    from ..hf import pruning
 
     with pruning(model, policy) as session, StepClock(model, on_step=on_step) as clock:
         sequences = model.generate(
@@ -73,10 +65,4 @@ def run_policy(
         )
     trace = session.trace
     assert trace is not None
-    out = HFGenerateOutput(
-        sequences=sequences,
-        trace=trace.to_llava_trace(),
-        prompt_length=inputs["input_ids"].shape[1],
-        hf_trace=trace,
-    )
-    return out, clock
+    return GenerateOutput(sequences, trace, prompt_length=inputs["input_ids"].shape[1]), clock

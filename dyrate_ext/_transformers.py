@@ -1,8 +1,9 @@
-"""The transformers versions the transformers tiers (`dyrate_ext.llava`, `dyrate_ext.hf`) are
-written for, checked once at import.
+"""The transformers versions the transformers tiers (`dyrate_ext.llava`, `dyrate_ext.hf`,
+`dyrate_ext.embedded`) are written for, checked once at import.
 
-Every module of those tiers imports transformers after this check, so a missing or unsupported
-transformers fails with one clear message instead of an AttributeError later.
+Every module of those tiers imports this module before transformers, so a missing or
+unsupported transformers fails with one clear message instead of an AttributeError later. The
+torch-only core never imports it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ TRANSFORMERS_REQUIREMENT = "transformers>=5,<6"
 
 TESTED_TRANSFORMERS = "5.24.0"
 """The transformers release the tests ran on."""
-
-SUPPORTED_TEXT_MODELS = ("llama",)
-"""`text_config.model_type` values the reference loop's decoder reimplementation is exact for."""
 
 
 def check_transformers_version(version: str) -> None:

@@ -1,0 +1,1 @@
+"""The SIMT emulator of the CUDA kernels: `from tools.simt_emu import build` (see build.py)."""
