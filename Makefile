@@ -7,7 +7,7 @@
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
 # make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench_ops.py --quick)
 # make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16, through
-#                    the reference loop and model.generate() interleaved (3 repeats);
+#                    the reference loop and model.generate() interleaved (5 repeats);
 #                    writes bench/results/e2e.{json,md} and the README section
 PY ?= python3
 VENV := .venv
@@ -83,14 +83,14 @@ train-predictor: build
 	done
 
 eval: build
-	$(VPY) -m dyrate_ext.evaluate
+	$(VPY) -m dyrate_ext.evaluate --rankings prefill,accumulated,current
 
 bench-quick: build
 	$(VPY) bench/bench_ops.py --quick --out build/bench-quick.json
 
 bench-e2e: build
 	mkdir -p bench/results
-	$(VPY) bench/e2e.py --engine both --repeats 3 --out bench/results/e2e.json
+	$(VPY) bench/e2e.py --engine both --repeats 5 --out bench/results/e2e.json
 	$(VPY) bench/e2e_report.py bench/results/e2e.json
 	$(VPY) tools/readme_sections.py README.md bench:e2e bench/results/e2e.md
 

@@ -33,7 +33,9 @@ Ratios to NoPrune come from the same run and engine.
 times vanilla `model.generate()`: no pruning, transformers' DynamicCache, whose bytes are its
 peak) or `both` (`make bench-e2e`): every policy through both engines, interleaved run by run
 (the order alternating between repeats), so `hf_vs_loop` - generate()'s decode tokens/s over
-the loop's for the same policy - compares runs that met the same machine.
+the loop's for the same policy - compares runs that met the same machine: the median over the
+repeats of each back-to-back pair's ratio (`hf_vs_loop_runs`), which a slow spell of the
+machine moves less than a ratio of medians.
 
 Size: this docstring and one benchmark's config, runs, rows and command line, both engines;
 the tables are bench/e2e_report.py's.
@@ -317,10 +319,12 @@ def _batch_rows(
             rows.append(row)
         if engine == "hf" and vanilla:
             rows.append(_vanilla_row(base, vanilla, batch))
-    loop = {r["policy"]: r for r in rows if r["engine"] == "loop"}
     for r in rows:
-        if r["engine"] == "hf" and r["policy"] in loop:
-            r["hf_vs_loop"] = r["tokens_per_s"] / loop[r["policy"]]["tokens_per_s"]
+        if r["engine"] == "hf" and ("loop", r["policy"]) in samples:
+            pairs = zip(samples[("hf", r["policy"])], samples[("loop", r["policy"])])
+            ratios = [loop[1].decode_seconds / hf[1].decode_seconds for hf, loop in pairs]
+            r["hf_vs_loop_runs"] = ratios
+            r["hf_vs_loop"] = statistics.median(ratios)
     return rows
 
 

@@ -105,12 +105,16 @@ def markdown(data: dict[str, Any]) -> str:
     if len(engines) > 1:
         lines += [
             "generate() vs the reference loop: decode tokens/s of `model.generate()` inside "
-            "`dyrate_ext.hf.pruning` over the loop's, same policy, same run:",
+            "`dyrate_ext.hf.pruning` over the loop's, same policy, the median over the repeats "
+            "of each back-to-back pair's ratio (min-max in brackets):",
             "",
             *_table(
                 [r for r in rows if "hf_vs_loop" in r],
                 batches,
-                lambda r: f"{r['hf_vs_loop']:.2f}x",
+                lambda r: (
+                    f"{r['hf_vs_loop']:.2f}x ({min(r['hf_vs_loop_runs']):.2f}-"
+                    f"{max(r['hf_vs_loop_runs']):.2f})"
+                ),
                 "policy",
             ),
             "",

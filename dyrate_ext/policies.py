@@ -46,9 +46,10 @@ the current token at the scoring layer, by that attention summed over all steps 
 running sum per sample, one add per step), or by the prefill row's attention."""
 
 DEFAULT_RANKING = "prefill"
-"""The default: on the tiny LLaVA's evaluation (2026-12-02, 200 pictures, both styles, the 4
-dynamic policies) "prefill" had the highest mean CIDEr (338.9), "accumulated" 335.7 (it won
-on the redundant style, "prefill" on the dense one) and "current" 306.6 (lowest in 8 of 8)."""
+"""The default: on the tiny LLaVA's evaluation (`make eval`, 2026-12-02: 200 pictures, both
+styles, AttentionMass p in {0.5, 0.8, 0.95} and the 3 trained DyRate predictors, 12 rows per
+ranking) "prefill" had the highest mean CIDEr (335.7; best in 6 rows), "accumulated" 333.0
+(best in 5, mostly on the redundant style) and "current" 312.5 (best in 1)."""
 
 
 def check_ranking(policy: str, ranking: str) -> str:

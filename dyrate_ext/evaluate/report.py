@@ -81,7 +81,7 @@ def markdown_table(rows: list[Row], title: str) -> str:
             _fmt(r.fact_recall),
             f"{r.kept_image_tokens:.1f} / {r.image_tokens:.0f}",
             f"{r.mean_tokens:.1f}",
-            "yes" if r.family in ADAPTIVE else "",
+            "yes" if r.family.split(" ")[0] in ADAPTIVE else "",
         ]
         for r in rows
     ]
