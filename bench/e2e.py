@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from dyrate_ext.costs import kv_bytes_per_slot
 from dyrate_ext.demo import generate_timed, make_policies
 from dyrate_ext.embedded import (
     LLAVA_15_SYSTEM,
@@ -139,13 +140,6 @@ def make_batch(processor: Any, batch: int, device: torch.device) -> dict[str, to
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
-def _kv_bytes_per_slot(model: Any, batch: int) -> int:
-    """Bytes of one cache slot of one layer for the whole batch: B * H_kv * D * 2 * esize."""
-    shape = DecoderShape.from_config(model)
-    esize = model.lm_head.weight.element_size()
-    return batch * shape.kv_heads * shape.dim_per_head * 2 * esize
-
-
 def peak_live_kv_bytes(out: GenerateOutput, model: Any) -> int:
     """Max over steps of the slots held (layers < k at the full length, layers >= k at the
     pruned length) times the bytes of a slot: the memory of a cache sized to its contents."""
@@ -155,7 +149,8 @@ def peak_live_kv_bytes(out: GenerateOutput, model: Any) -> int:
     lengths = trace.cache_length.to(torch.int64)
     slots = k * lengths[:, 0] + (layers - k) * lengths[:, 1]
     batch = trace.kept_image.shape[1]
-    return int(slots.max()) * _kv_bytes_per_slot(model, batch)
+    per_slot = kv_bytes_per_slot(DecoderShape.from_config(model), model.lm_head.weight.dtype)
+    return int(slots.max()) * batch * per_slot
 
 
 def vanilla_generate(

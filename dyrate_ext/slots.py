@@ -173,10 +173,13 @@ class SlotGroup:
 
     def compact(self, full_score: Tensor, keep_count: Tensor) -> None:
         """Remove image slots from every layer of the group in one `prune_kv` call: per sample
-        keep the keep_count [B] best by `full_score` float32 [B, L_full] (the scores of the
-        full-group slots), then shrink the buffers if they became too big."""
+        keep the keep_count [B] best by `full_score` float32 [B, L'] (the scores of the first L'
+        full-group slots; slots past them, responses, score 0 and are kept as every non-image
+        slot is), then shrink the buffers if they became too big."""
         origin = self.origin
-        score = torch.where(origin >= 0, full_score.gather(1, origin.clamp(min=0)), 0.0)
+        scored = (origin >= 0) & (origin < full_score.shape[1])
+        src = origin.clamp(0, full_score.shape[1] - 1)
+        score = torch.where(scored, full_score.gather(1, src), 0.0)
         kv = [pair for pair in map(self.live, range(len(self.layers))) if pair is not None]
         res = prune_kv(kv, self.token_type, token_score=score, keep_count=keep_count)
         length = int(res.length or 0)

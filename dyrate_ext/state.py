@@ -123,7 +123,7 @@ class PruningState:
         self.removed_step = torch.full(types.shape, -1, dtype=torch.int64, device=dev)
         self._present = types >= 0  # prompt slots layers >= k still hold
         self._plan: tuple[Tensor, Tensor] | None = None
-        self._rank: Tensor | None = None  # float32 [B, L]: the decode-time ranking's scores
+        self._rank: Tensor | None = None  # float32 [B, S]: the ranking's scores of prompt slots
         self._steps: list[tuple[Tensor, Tensor, int, int, int, int]] = []
         self._mass: list[Tensor] = []
         self.prefill_rows_count = self.prompt_len
@@ -182,19 +182,18 @@ class PruningState:
             self._mark_removed()
 
     def _ranking(self, score: Tensor) -> Tensor:
-        """The scores float32 [B, L] decode-time removals rank by (`Policy.ranking`), from this
-        step's `score` [B, L]: itself, the running sum of every step's scores (slots joined
-        later count from their first step), or the prefill row (0 for later slots)."""
+        """The scores decode-time removals rank by (`Policy.ranking`), from this step's `score`
+        float32 [B, L]: itself, or for the prompt slots [B, S] (image tokens are prompt slots)
+        the running sum of every step's scores or the prefill row. No allocation per step: the
+        sum is added in place into a copy of the prefill row."""
         ranking = self.policy.ranking
         if ranking == "current":
             return score
-        prev = self._rank
-        if prev is None:
-            self._rank = score
-        else:
-            grown = score.shape[1] - prev.shape[1]
-            prev = torch.cat([prev, prev.new_zeros(prev.shape[0], grown)], 1)
-            self._rank = prev + score if ranking == "accumulated" else prev
+        if self._rank is None:
+            prompt = score[:, : self.prompt_len]
+            self._rank = prompt.clone() if ranking == "accumulated" else prompt
+        elif ranking == "accumulated":
+            self._rank.add_(score[:, : self.prompt_len])
         return self._rank
 
     def prefill_rows(self) -> Tensor:

@@ -74,7 +74,8 @@ class PruningCache(Cache):
         self.policy = policy
         self.num_layers = num_layers
         self._state: PruningState | None = None
-        super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
+        self._entries = [_Layer(self, i) for i in range(num_layers)]
+        super().__init__(layers=list(self._entries))
 
     def start(self, token_type: Tensor) -> PruningState:
         """Begin the generation of prompts with slot types int8 [B, S] (-1 padding)."""
@@ -115,8 +116,7 @@ class PruningCache(Cache):
         """Append the new rows' keys/values [B, H_kv, Q, D] of a layer; returns that layer's
         keys and values [B, H_kv, L, D] (its own, possibly pruned, slots)."""
         keys, values = self.state.update(layer_idx, key_states, value_states)
-        entry = self.layers[layer_idx]
-        assert isinstance(entry, _Layer)
+        entry = self._entries[layer_idx]
         entry.keys, entry.values, entry.is_initialized = keys, values, True
         return keys, values
 
