@@ -79,7 +79,7 @@ train-predictor: build
 	for b in 75 80 90; do \
 		$(VPY) -m dyrate_ext.train predictor --budget 0.$$b --out $(ASSETS)/predictor_b$$b.safetensors \
 			--k 2 --num-rates 8 --style redundant,dense --limit 128 --epochs 3 --lam 1000 \
-			--quality kl --targets greedy --seed 0 || exit 1; \
+			--quality kl --targets greedy --ranking current --seed 0 || exit 1; \
 	done
 
 eval: build

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..policies import DEFAULT_RANKING, RANKINGS
 from ..predictor import RatePredictor
 from .caption_batches import (
     build_batches,
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tau-start", type=float, default=1.0)
     ap.add_argument("--tau-end", type=float, default=0.1)
     ap.add_argument("--quality", choices=("kl", "nll"), default="kl")
+    ap.add_argument(
+        "--ranking",
+        choices=RANKINGS,
+        default=DEFAULT_RANKING,
+        help="how decode steps rank the held image tokens in training (the engines' option; "
+        f"default {DEFAULT_RANKING}, the engines' default)",
+    )
     ap.add_argument(
         "--chain",
         action="store_true",
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         model, batches, k=args.k, budget=args.budget, num_rates=args.num_rates, lam=args.lam,
         epochs=args.epochs, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
         seed=args.seed, quality=args.quality, init=init, recompute=args.recompute, chain=args.chain,
-        progress=not args.quiet,
+        ranking=args.ranking, progress=not args.quiet,
     )  # fmt: skip
     report: dict = {"train_seconds": res.seconds, "flops_floor": res.flops_floor}
     if args.val_limit > 0 and (args.val_data or not args.data):
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "quality": args.quality,
         "targets": args.targets,
         "chain": str(args.chain),
+        "ranking": args.ranking,
         "seed": str(args.seed),
         "data": args.data or f"embedded:{args.style}:train[:{args.limit}]",
         "prompt_template": template,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..flops import DecoderShape
+from ..policies import DEFAULT_RANKING
 from ..predictor import RatePredictor
 from .gumbel import expected_flops, st_gumbel_softmax, temperature
 from .masked_forward import CaptionBatch, MaskedLlava, Prepared, keep_masks
@@ -117,6 +118,7 @@ def train_predictor(
     init: RatePredictor | None = None,
     recompute: bool = False,
     chain: bool = False,
+    ranking: str = DEFAULT_RANKING,
     progress: bool = True,
 ) -> TrainResult:
     """Train a RatePredictor for a frozen LLaVA model on teacher-forcing batches.
@@ -153,7 +155,7 @@ def train_predictor(
             w = pred.linear.weight.clone()
             pred.linear.weight.copy_(w * std)
             pred.linear.bias.add_((w * mean).sum(dim=1))
-    objective = _Objective(masked, shape, budget, lam, quality, mean, std, chain)
+    objective = _Objective(masked, shape, budget, lam, quality, mean, std, chain, ranking)
     opt = torch.optim.Adam(pred.parameters(), lr=lr)
     gen = torch.Generator(device=device).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
@@ -190,6 +192,7 @@ class _Objective:
     mean: Tensor  # [H*4] type-mass feature mean and std over the training steps
     std: Tensor
     chain: bool = False  # keep_masks' chain option
+    ranking: str = DEFAULT_RANKING  # how decode steps rank the held image tokens (RANKINGS)
 
     def __call__(
         self, pred: RatePredictor, c: _Cached, tau: float, gen: torch.Generator
@@ -198,7 +201,9 @@ class _Objective:
         feats = (p.type_mass.flatten(2) - self.mean) / self.std  # [B, C, H*4]
         logits = pred(feats.flatten(0, 1)).view(*feats.shape[:2], pred.num_rates)  # [B, C, K]
         y = st_gumbel_softmax(logits, tau, gen)
-        m, kept, clamped = keep_masks(p.token_score, p.token_type, y, p.row_valid, self.chain)
+        m, kept, clamped = keep_masks(
+            p.token_score, p.token_type, y, p.row_valid, self.chain, self.ranking
+        )
         q = _quality(self.masked.upper(p, m), c, self.quality)
         pi = torch.softmax(logits, dim=-1)
         e_flops = expected_flops(self.shape, k, pi, p.num_image, p.prompt_length, p.row_valid)
