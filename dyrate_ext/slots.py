@@ -20,13 +20,17 @@ any other engine drive these groups through `dyrate_ext.state.PruningState`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from . import ops
 from .prune import prune_kv
 from .token_types import TokenType
 
 __all__ = [
+    "ExternalSlotGroup",
     "SlotGroup",
     "allowed_slots",
     "attention_mask",
@@ -171,22 +175,30 @@ class SlotGroup:
 
     # ---- compaction ---------------------------------------------------------------------------
 
-    def compact(self, full_score: Tensor, keep_count: Tensor) -> None:
-        """Remove image slots from every layer of the group in one `prune_kv` call: per sample
-        keep the keep_count [B] best by `full_score` float32 [B, L'] (the scores of the first L'
-        full-group slots; slots past them, responses, score 0 and are kept as every non-image
-        slot is), then shrink the buffers if they became too big."""
+    def slot_scores(self, full_score: Tensor) -> Tensor:
+        """float32 [B, L]: the group's slots scored by `full_score` float32 [B, L'] (the scores
+        of the first L' full-group slots; slots past them, responses, and empty slots score 0)."""
         origin = self.origin
         scored = (origin >= 0) & (origin < full_score.shape[1])
         src = origin.clamp(0, full_score.shape[1] - 1)
-        score = torch.where(scored, full_score.gather(1, src), 0.0)
+        return torch.where(scored, full_score.gather(1, src), 0.0)
+
+    def _relayout(self, keep_index: Tensor, token_type: Tensor, length: int) -> None:
+        """Adopt the layout after a compaction that kept slots keep_index [B, >= length]."""
+        idx = keep_index[:, :length]
+        self.origin = torch.where(idx >= 0, self.origin.gather(1, idx.clamp(min=0)), -1)
+        self.token_type = token_type[:, :length].contiguous()
+        self.length = length
+
+    def compact(self, full_score: Tensor, keep_count: Tensor) -> None:
+        """Remove image slots from every layer of the group in one `prune_kv` call: per sample
+        keep the keep_count [B] best by `slot_scores(full_score)` (every non-image slot is
+        kept), then shrink the buffers if they became too big."""
+        score = self.slot_scores(full_score)
         kv = [pair for pair in map(self.live, range(len(self.layers))) if pair is not None]
         res = prune_kv(kv, self.token_type, token_score=score, keep_count=keep_count)
         length = int(res.length or 0)
-        idx = res.keep_index[:, :length]
-        self.origin = torch.where(idx >= 0, origin.gather(1, idx.clamp(min=0)), -1)
-        self.token_type = res.token_type.contiguous()
-        self.length = length
+        self._relayout(res.keep_index, res.token_type, length)
         if _too_big(self.capacity, length):
             self.resize(fit(length))
 
@@ -219,3 +231,34 @@ class SlotGroup:
             if t is not None:
                 total += t.numel() // max(t.shape[2], 1) * self.length * t.element_size()
         return total
+
+
+class ExternalSlotGroup(SlotGroup):
+    """A SlotGroup whose keys/values live in an engine's own storage (e.g. vLLM's paged KV
+    cache): it keeps only the layout. The engine advances it with `advance` and moves the data
+    itself when `mover(keep_index, new_length)` is called at a compaction (keep_index int64
+    [B, L] and new_length int64 [B] as `dyrate_ext.select_keep` returns them)."""
+
+    def __init__(self, layers: range, token_type: Tensor, origin: Tensor) -> None:
+        super().__init__(layers, token_type, origin)
+        self.mover: Callable[[Tensor, Tensor], None] | None = None
+
+    def advance(self, q_len: int, full_length: int) -> None:
+        """The engine wrote q_len new rows into every layer of the group (`begin` + `write`)."""
+        self.begin(q_len, full_length)
+        self.length += q_len
+
+    def write(self, i: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("an ExternalSlotGroup holds no keys/values; the engine writes them")
+
+    def compact(self, full_score: Tensor, keep_count: Tensor) -> None:
+        """Select the slots to keep as `SlotGroup.compact` does, have `mover` move them, and
+        adopt the new layout."""
+        if self.mover is None:
+            raise RuntimeError("ExternalSlotGroup.compact: no mover was set for this step")
+        score = self.slot_scores(full_score)
+        keep_index, new_length = ops.select_keep(score, self.token_type, keep_count)
+        self.mover(keep_index, new_length)
+        token_type = self.token_type.clone()
+        ops.compact_token_type_(token_type, keep_index, new_length)
+        self._relayout(keep_index, token_type, int(new_length.max()) if new_length.numel() else 0)

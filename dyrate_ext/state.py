@@ -21,6 +21,7 @@ Torch only; transformers is never imported here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from . import ops
 from .policies import Policy, StepStats
-from .slots import SlotGroup, present_prompt_slots
+from .slots import ExternalSlotGroup, SlotGroup, present_prompt_slots
 from .token_types import TokenType
 
 __all__ = ["PruningState", "Trace"]
@@ -93,6 +94,14 @@ class PruningState:
         policy: a validated Policy (its `k` and `scoring_layer` fit the decoder).
         num_layers: N decoder layers.
         token_type: int8 [B, S], the prompts' slot types (-1 left padding).
+        external: the engine stores the keys/values itself (a paged cache): the groups are
+            `ExternalSlotGroup`s, the engine calls `advance` instead of `update` and sets
+            `pruned.mover`, which moves the kept slots when the layers >= k are compacted.
+
+    An engine that splits the heads over devices (tensor parallelism) sets `reduce_stats`:
+    it maps this device's statistics (type_mass [B, H_local, 4], token_score [B, L] averaged
+    over the local heads) to the whole model's (all heads in order, the mean over all heads),
+    so that every device takes the same decision.
 
     Attributes:
         full, pruned: the SlotGroups of layers < k and layers >= k (pruned is None without k).
@@ -101,7 +110,9 @@ class PruningState:
         removed_step: int64 [B, S], as in Trace.
     """
 
-    def __init__(self, policy: Policy, num_layers: int, token_type: Tensor) -> None:
+    def __init__(
+        self, policy: Policy, num_layers: int, token_type: Tensor, external: bool = False
+    ) -> None:
         self.policy = policy
         self.k = policy.k
         self.scoring_layer = policy.scoring_layer
@@ -111,11 +122,12 @@ class PruningState:
         dev = types.device
         origin = torch.arange(self.prompt_len, device=dev).expand(batch, -1).contiguous()
         split = num_layers if self.k is None else self.k
-        self.full = SlotGroup(range(0, split), types, origin)
-        self.pruned = None
+        group = ExternalSlotGroup if external else SlotGroup
+        self.full: SlotGroup = group(range(0, split), types, origin)
+        self.pruned: SlotGroup | None = None
         if self.k is not None:
             empty = torch.empty((batch, 0), dtype=torch.int64, device=dev)
-            self.pruned = SlotGroup(range(self.k, num_layers), empty.to(torch.int8), empty)
+            self.pruned = group(range(self.k, num_layers), empty.to(torch.int8), empty)
         self.step = 0
         self.num_image = (types == TokenType.IMAGE).sum(dim=1)
         self.kept = self.num_image.clone()
@@ -128,6 +140,7 @@ class PruningState:
         self._mass: list[Tensor] = []
         self.prefill_rows_count = self.prompt_len
         self.prune_calls = 0
+        self.reduce_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -149,6 +162,15 @@ class PruningState:
             group.begin(q_len, full_end)
         return group.write(i, key, value)
 
+    def advance(self, q_len: int, pruned: bool) -> None:
+        """External storage: the engine wrote q_len new rows into every layer < k
+        (pruned=False, each forward, before `on_scoring_layer`) or into every layer >= k
+        (pruned=True, after it; at the prefill q_len is the row count of `prefill_rows`)."""
+        group = self.pruned if pruned else self.full
+        assert isinstance(group, ExternalSlotGroup), "advance() is for external storage"
+        full_end = self.full.length if pruned else self.full.length + q_len
+        group.advance(q_len, full_end)
+
     # ---- the decision -------------------------------------------------------------------------
 
     def on_scoring_layer(self, query: Tensor, keys: Tensor, scale: float) -> None:
@@ -158,6 +180,8 @@ class PruningState:
         here, before they run."""
         types = self.full.token_type
         mass, score = ops.attention_stats(query[:, :, -1:].contiguous(), keys, types, scale)
+        if self.reduce_stats is not None:
+            mass, score = self.reduce_stats(mass, score)
         self._mass.append(mass)
         if self.k is None:
             return

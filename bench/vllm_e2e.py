@@ -1,0 +1,297 @@
+"""End-to-end benchmark through vLLM: prefill time, decode tokens/s and requests/s per policy.
+
+    python bench/vllm_e2e.py [--out bench/results/vllm_e2e.json] [--concurrency 1 4 16] ...
+    (`make bench-vllm`, in the vLLM environment; it also writes RESULTS.md and the README
+    section)
+
+Model: bench/e2e.py's embedded LLaVA-1.5-shaped model (576 image tokens per 336-pixel image,
+LLaVA-1.5's chat template, random weights from a fixed seed; 16 layers, width 512, float32),
+saved to a folder vLLM loads. DyRate gets the hand-set predictor of the demo, calibrated on
+this model's NoPrune attention through the reference loop (no trained weights exist for it).
+
+Every policy of the demo runs through `dyrate_ext.vllm.engine_args` (NoPrune through the
+plugin, which equals vanilla vLLM). For each repeat, each policy in turn gets an engine (vLLM
+in this process, max_num_seqs = the largest concurrency) and, for each concurrency c, c
+requests with distinct pictures and questions submitted at once: once for 1 new token (the
+prefill time) and once for `max_new_tokens` (no stop token). Per row (medians over repeats):
+- prefill_s: the wall time of the 1-token run;
+- tokens_per_s: decode throughput, c * (T - 1) / (time of the T-token run - prefill_s);
+- requests_per_s: c / time of the T-token run;
+- kept_image: image tokens the layers >= k hold at the last step (mean over requests);
+and each ratio to NoPrune at the same concurrency, from the same repeat (median of the
+per-repeat ratios: a slow spell of the machine hits both runs of a pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+import torch
+from e2e import QUESTIONS, E2EConfig, make_batch
+
+from dyrate_ext.demo import make_policies
+from dyrate_ext.embedded import (
+    LLAVA_15_SYSTEM,
+    build_processor,
+    build_tokenizer,
+    demo_image,
+    embedded_llava,
+    hand_set_predictor,
+    llava_prompt,
+)
+from dyrate_ext.llava import NoPrune, generate
+from dyrate_ext.results import format_table, run_metadata, write_results
+
+
+@dataclass
+class VllmBenchConfig:
+    """What the benchmark runs (defaults: `make bench-vllm`)."""
+
+    model: E2EConfig = field(default_factory=E2EConfig)
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    max_new_tokens: int = 32
+    repeats: int = 2
+    max_model_len: int = 1024
+
+
+def tiny_config() -> VllmBenchConfig:
+    """Smoke-test size: a 4-layer width-128 decoder (head size 32, which vLLM's CPU attention
+    needs at least), 64 image tokens, concurrency 1 and 2, 3 tokens, one repeat."""
+    model = E2EConfig(
+        num_layers=4,
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=4,
+        num_kv_heads=4,
+        image_size=112,
+    )
+    return VllmBenchConfig(
+        model=model, concurrency=(1, 2), max_new_tokens=3, repeats=1, max_model_len=256
+    )
+
+
+def build_model(config: VllmBenchConfig, folder: Path) -> tuple[Path, Path]:
+    """Save the model, tokenizer and processor to folder/model; calibrate and save the
+    hand-set DyRate predictor beside it (not inside: vLLM loads every .safetensors file of a
+    model folder). Returns (model folder, predictor file)."""
+    mc = config.model
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer, mc.image_size)
+    model = embedded_llava(mc.model_config(), len(tokenizer))
+    model_dir = folder / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    inputs = make_batch(processor, 2, torch.device("cpu"))
+    calib = generate(
+        model,
+        **inputs,
+        policy=NoPrune(scoring_layer=mc.dyrate_k - 1),
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=None,
+    )
+    predictor, _, _ = hand_set_predictor(calib.trace, mc.num_heads, mc.dyrate_rates)
+    path = folder / "predictor.safetensors"
+    predictor.save(path)
+    return model_dir, path
+
+
+def requests(config: VllmBenchConfig, n: int) -> list[dict]:
+    """n prompts in LLaVA-1.5's template, each with its own picture and question."""
+    size = config.model.image_size
+    return [
+        {
+            "prompt": llava_prompt(QUESTIONS[i % len(QUESTIONS)], LLAVA_15_SYSTEM),
+            "multi_modal_data": {"image": demo_image(size, variant=i)},
+        }
+        for i in range(n)
+    ]
+
+
+def _timed(llm: Any, prompts: list[dict], tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def _kept_image(llm: Any) -> float | None:
+    core = llm.llm_engine.engine_core.engine_core
+    model = core.model_executor.driver_worker.worker.model_runner.model
+    decoder = getattr(model, "dyrate_decoder", None)
+    if decoder is None or not decoder.states:
+        return None
+    return statistics.mean(float(s.kept[0]) for s in decoder.states.values())
+
+
+def run_policy(config: VllmBenchConfig, model_dir: Path, policy: Any, path: Path) -> dict:
+    """One engine for `policy`: {concurrency: (prefill_s, total_s, kept_image)}."""
+    from vllm import LLM
+
+    from dyrate_ext.vllm import engine_args
+
+    args = engine_args(policy, predictor_path=path, max_model_len=config.max_model_len)
+    llm = LLM(
+        model=str(model_dir), dtype="float32", max_num_seqs=max(config.concurrency), seed=0, **args
+    )
+    out = {}
+    try:
+        for c in config.concurrency:
+            prompts = requests(config, c)
+            _timed(llm, prompts, 2)  # warm-up: the pictures' preprocessing, first-call costs
+            prefill = _timed(llm, prompts, 1)
+            total = _timed(llm, prompts, config.max_new_tokens)
+            out[c] = (prefill, total, _kept_image(llm))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return out
+
+
+def run(config: VllmBenchConfig, folder: Path, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark; returns {"meta", "rows"} (one row per policy and concurrency)."""
+    model_dir, path = build_model(config, folder)
+    predictor = None
+    from dyrate_ext.predictor import RatePredictor
+
+    predictor = RatePredictor.load(path)
+    mc = config.model
+    policies, _ = make_policies(mc.num_layers, predictor, mc.dyrate_k, mc.mass_p, mc.mass_k)
+    policies = [("NoPrune", NoPrune()), *policies]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in policies}
+    for repeat in range(config.repeats):
+        for name, policy in policies:
+            if progress:
+                print(f"[vllm_e2e] repeat {repeat + 1}/{config.repeats}: {name}", file=sys.stderr)
+            runs[name].append(run_policy(config, model_dir, policy, path))
+    rows = []
+    steps = config.max_new_tokens - 1
+    for name, _ in policies:
+        for c in config.concurrency:
+            samples = [r[c] for r in runs[name]]
+            base = [r[c] for r in runs["NoPrune"]]
+            decode = [c * steps / max(t - p, 1e-9) for p, t, _ in samples]
+            base_decode = [c * steps / max(t - p, 1e-9) for p, t, _ in base]
+            kept = samples[-1][2]
+            rows.append(
+                {
+                    "policy": name,
+                    "concurrency": c,
+                    "prefill_s": statistics.median(p for p, _, _ in samples),
+                    "tokens_per_s": statistics.median(decode),
+                    "requests_per_s": statistics.median(c / t for _, t, _ in samples),
+                    "kept_image": kept,
+                    "tokens_per_s_vs_noprune": statistics.median(
+                        a / b for a, b in zip(decode, base_decode)
+                    ),
+                    "prefill_vs_noprune": statistics.median(
+                        s[0] / b[0] for s, b in zip(samples, base)
+                    ),
+                    "requests_per_s_vs_noprune": statistics.median(
+                        b[1] / s[1] for s, b in zip(samples, base)
+                    ),
+                }
+            )
+    import vllm
+
+    meta = run_metadata(
+        "cpu",
+        vllm=vllm.__version__,
+        config={
+            "concurrency": list(config.concurrency),
+            "max_new_tokens": config.max_new_tokens,
+            "repeats": config.repeats,
+            "num_layers": mc.num_layers,
+            "hidden_size": mc.hidden_size,
+            "image_tokens": (mc.image_size // 14) ** 2,
+        },
+    )
+    return {"meta": meta, "rows": rows}
+
+
+def report(results: dict[str, Any]) -> str:
+    """The README section: one table per measure, a column per concurrency."""
+    rows, meta = results["rows"], results["meta"]
+    conc = meta["config"]["concurrency"]
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(r["policy"], r["concurrency"]): r for r in rows}
+
+    def table(cell, header: str) -> str:
+        body = [[n, *(cell(by[(n, c)]) for c in conc)] for n in names]
+        return format_table([header, *(f"c={c}" for c in conc)], body)
+
+    cfg = meta["config"]
+    return "\n".join(
+        [
+            f"Measured {meta['date'][:10]} on {meta['machine']} (commit {meta['commit']}), vLLM "
+            f"{meta['vllm']} (CPU backend, eager, in-process), the embedded LLaVA-1.5-shaped "
+            f"model ({cfg['num_layers']} layers, width {cfg['hidden_size']}, "
+            f"{cfg['image_tokens']} image tokens, float32), c concurrent requests, "
+            f"{cfg['max_new_tokens']} new tokens each, median of {cfg['repeats']} repeats "
+            "(`make bench-vllm`). Ratios are to NoPrune in the same repeat.",
+            "",
+            "Decode throughput, tokens/s (ratio to NoPrune):",
+            "",
+            table(
+                lambda r: f"{r['tokens_per_s']:.1f} ({r['tokens_per_s_vs_noprune']:.2f}x)", "policy"
+            ),
+            "",
+            "Prefill time of c requests, s (ratio to NoPrune):",
+            "",
+            table(lambda r: f"{r['prefill_s']:.2f} ({r['prefill_vs_noprune']:.2f}x)", "policy"),
+            "",
+            "Requests/s (ratio to NoPrune) and image tokens kept by the layers >= k at the end:",
+            "",
+            table(
+                lambda r: (
+                    f"{r['requests_per_s']:.2f} ({r['requests_per_s_vs_noprune']:.2f}x)"
+                    + ("" if r["kept_image"] is None else f", {r['kept_image']:.0f} kept")
+                ),
+                "policy",
+            ),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results/vllm_e2e.json")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="smoke-test size")
+    ap.add_argument("--work", default=None, help="folder for the model (default: temporary)")
+    args = ap.parse_args(argv)
+    config = (
+        tiny_config()
+        if args.tiny
+        else VllmBenchConfig(
+            concurrency=tuple(args.concurrency),
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+        )
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(config, Path(args.work or tmp))
+    out = write_results(args.out, results["meta"], results["rows"])
+    out.with_suffix(".md").write_text(report(results) + "\n")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

