@@ -23,7 +23,8 @@ row t is "the best min(n - floor(j n / K), held) of the held image tokens by row
 (a running intersection). m_t = sum_j y_tj m^j_t: exact 0/1 in the forward pass, and its
 gradient reaches y_t (so pi_R); earlier steps act on later ones only through the discrete held
 set. Option `chain` also routes every later step's mask gradient to step s's choice (a token
-removed at step s stays removed; values unchanged).
+removed at step s stays removed; values unchanged); chain="normalised" averages that term over
+the later rows instead of summing it (`predictor --persistence chained`).
 
 `upper` runs layers k..N-1 where row r attends with the multiplicative mask of eq. 6:
 M[r, c] = m_{t(r)}[c] on image columns, 1 on the others, 1 on the diagonal, times the causal
@@ -45,6 +46,7 @@ from .. import ops
 from ..policies import DEFAULT_RANKING, check_ranking
 from ..slots import allowed_slots
 from ..token_types import NUM_TYPES, TokenType, prompt_token_type
+from .chain import normalised_chain
 from .gumbel import rate_keep_counts
 
 try:
@@ -144,8 +146,9 @@ def keep_masks(
     token_type: Tensor,
     y: Tensor,
     row_valid: Tensor,
-    chain: bool = False,
+    chain: bool | str = False,
     ranking: str = DEFAULT_RANKING,
+    chain_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-step image keep masks of eqs. 3 and 5 under inference's never-grow rule.
 
@@ -159,6 +162,14 @@ def keep_masks(
             (m_t = hard_t + sum_{s<=t} (soft_s - soft_s.detach())): the same values, but a
             token removed at step s is missing from all later steps, and so is its cost.
             Off by default: on the tiny LLaVA it overweights the prefill decision (measured).
+            chain="normalised": the persistence term averaged instead of summed, and only
+            where step s decides: step s's choice takes its own row's gradient plus
+            chain_weight times the mean of the later rows' (m_t = hard_t + d_t + chain_weight
+            sum_{s<t} d_s u_st / R_s, d_s = soft_s - soft_s.detach(), R_s the sample's valid
+            rows after s), u_st leaving out the slots a step in (s, t] removed (those are
+            charged to the step that removed them), the carried gradient of each slot bounded
+            by the largest of a held slot (`chain.normalised_chain`). So a decode step is charged for the
+            rows its removal reaches, at the scale of its own row.
         ranking: how a decoding step ranks the held image tokens (`ranked_scores`); the
             engines' default, so training sees the removals inference makes.
 
@@ -176,7 +187,7 @@ def keep_masks(
     choice = y.detach().argmax(dim=-1)  # [B, C]
     slots = torch.arange(length, device=token_score.device).expand(batch, length)
     token_score = ranked_scores(token_score, ranking)
-    masks, kept, clamped = [], [], []
+    masks, kept, clamped, helds = [], [], [], []
     for t in range(steps):
         s = token_score[:, t].detach().float().masked_fill(~held, float("-inf"))
         order = s.argsort(dim=1, descending=True, stable=True)
@@ -189,11 +200,17 @@ def keep_masks(
         valid = row_valid[:, t]
         clamped.append(valid & (asked.gather(1, pick[:, None])[:, 0] > held_count))
         held = torch.where(valid[:, None], hard, held)
+        helds.append(held)
         held_count = held.sum(dim=1)
         kept.append(held_count)
     m = torch.stack(masks, dim=1)
-    if chain:
+    if chain == "normalised":
+        removed = torch.stack(helds, dim=1).sum(dim=1)  # held sets only shrink
+        m = normalised_chain(m, row_valid, chain_weight, removed)
+    elif chain is True or chain == "sum":
         m = m.detach() + (m - m.detach()).cumsum(dim=1)
+    elif chain not in (False, "none"):
+        raise ValueError(f"chain must be a bool, 'sum', 'normalised' or 'none', got {chain!r}")
     return m, torch.stack(kept, dim=1), torch.stack(clamped, dim=1)
 
 

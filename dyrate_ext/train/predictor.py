@@ -25,6 +25,20 @@ Loss = quality + lambda * (E[FLOPs] - budget)^2.
     (0, 1] is that fraction. A budget below what the data allows (every step at the largest
     rate (K-1)/K) is rejected with the reachable floor in the message.
 
+Options beyond the paper (`dyrate_ext.train.objective`), each off by default, so the committed
+predictors reproduce without them:
+  --budget-currency: the budget as a fraction of NoPrune's kv-flops (default), paper-flops (the
+    reconstruction of `dyrate_ext.costs`) or kv-read-bytes (KV bytes read while decoding).
+  --persistence chained | reinforce: charge a decision for the later rows its removal reaches
+    (a normalised chained straight-through term, or REINFORCE on the later rows' KL of the
+    sampled hard decisions), weighted by --persistence-weight.
+  --entropy W: W * mean entropy of pi, so the sampled policy trained is the argmax deployed.
+  --final-phase-steps N (--final-noise X): N more steps at tau-end whose decisions are
+    argmax(log pi + X g) (X = 0: the argmax, the deployed policy).
+  --init fastv:R[:MARGIN]: start from weights 0 and logit MARGIN on rate R: FastV(r=R).
+The JSON log records `train_objective`: the objective over the training data with hard
+decisions, argmax (deployed) and one sample of pi, before and after training.
+
 Teacher forcing follows the reference captions, or with `--targets greedy` the unpruned
 model's own greedy captions (the tokens inference decodes when pruning keeps the answer).
 
@@ -69,6 +83,8 @@ from .caption_batches import (
     greedy_targets,
     load_examples,
 )
+from .gumbel import BUDGET_CURRENCIES
+from .objective import PERSISTENCE, fastv_init, parse_fastv
 from .predictor_train import TrainResult, check_budget, train_predictor
 
 if TYPE_CHECKING:
@@ -134,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="reference",
         help="teacher-force the reference captions or the unpruned model's greedy captions",
     )
-    ap.add_argument("--init", help="start from this RatePredictor file")
+    ap.add_argument(
+        "--init",
+        help="start from this RatePredictor file, or fastv:R[:MARGIN]: weights 0 and logit MARGIN "
+        "(default 2) on rate R, so the argmax is FastV(r=R) at every step",
+    )
+    _add_objective_options(ap)
     ap.add_argument(
         "--prompt-template",
         help="prompt holding {question} and <image> (default: the tiny LLaVA's; for "
@@ -149,6 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
+
+
+def _add_objective_options(ap: argparse.ArgumentParser) -> None:
+    """The objective's options beyond the paper (`dyrate_ext.train.objective`), each off by
+    default."""
+    ap.add_argument(
+        "--budget-currency",
+        choices=BUDGET_CURRENCIES,
+        default="kv-flops",
+        help="the cost the budget is a fraction of NoPrune's in: decoder FLOPs with a KV cache "
+        "(default), the paper-style FLOPs (every step re-runs the sequence) or KV bytes read "
+        "while decoding",
+    )
+    ap.add_argument(
+        "--persistence",
+        choices=PERSISTENCE,
+        default="myopic",
+        help="charge a decision for the later rows its removal reaches: no (myopic, default), "
+        "a normalised chained straight-through term (chained) or REINFORCE on the later rows' "
+        "KL (reinforce)",
+    )
+    ap.add_argument("--persistence-weight", type=float, default=1.0, help="its weight")
+    ap.add_argument("--entropy", type=float, default=0.0, help="weight of an entropy penalty on pi")
+    ap.add_argument(
+        "--final-phase-steps",
+        type=int,
+        default=0,
+        help="steps after the epochs at tau-end with the Gumbel noise scaled by --final-noise",
+    )
+    ap.add_argument(
+        "--final-noise", type=float, default=0.0, help="0: argmax decisions (the deployed policy)"
+    )
 
 
 def _load_model(path: str | None, device: str) -> tuple[LlavaForConditionalGeneration, object, str]:
@@ -177,6 +230,30 @@ def _model_id(model: LlavaForConditionalGeneration, path: str) -> dict[str, str]
     }
 
 
+def _initial(spec: str | None, heads: int, num_rates: int) -> RatePredictor | None:
+    """--init: None, a FastV-like predictor (fastv:R[:MARGIN]) or a RatePredictor file."""
+    if not spec:
+        return None
+    if spec.startswith("fastv:"):
+        return fastv_init(heads, num_rates, *parse_fastv(spec, num_rates))
+    return RatePredictor.load(spec)
+
+
+def _options(args: argparse.Namespace) -> dict[str, str]:
+    """The metadata of the options beyond the paper's method, where not at their default (so
+    files trained without them keep their metadata)."""
+    given = {
+        "init": args.init if args.init and args.init.startswith("fastv:") else None,
+        "budget_currency": None if args.budget_currency == "kv-flops" else args.budget_currency,
+        "persistence": None if args.persistence == "myopic" else args.persistence,
+        "persistence_weight": None if args.persistence == "myopic" else args.persistence_weight,
+        "entropy": args.entropy or None,
+        "final_phase_steps": args.final_phase_steps or None,
+        "final_noise": args.final_noise if args.final_phase_steps else None,
+    }
+    return {k: str(v) for k, v in given.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, measure on val, save the predictor and a JSON log beside it. Returns 0."""
     args = build_parser().parse_args(argv)
@@ -189,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = int(text_config.num_hidden_layers)
     if not 1 <= args.k < n_layers:
         raise ValueError(f"--k {args.k} is out of range [1, {n_layers - 1}] for this model")
-    init = RatePredictor.load(args.init) if args.init else None
+    init = _initial(args.init, int(text_config.num_attention_heads), args.num_rates)
     given = args.prompt_template and args.prompt_template.replace("\\n", "\n")
     template = check_template(given or default_template())
     examples = load_examples(args.data, args.limit, "train", args.style)
@@ -202,9 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         model, batches, k=args.k, budget=args.budget, num_rates=args.num_rates, lam=args.lam,
         epochs=args.epochs, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
         seed=args.seed, quality=args.quality, init=init, recompute=args.recompute, chain=args.chain,
-        ranking=args.ranking, progress=not args.quiet,
+        ranking=args.ranking, progress=not args.quiet, currency=args.budget_currency,
+        persistence=args.persistence, persistence_weight=args.persistence_weight,
+        entropy=args.entropy, final_phase_steps=args.final_phase_steps,
+        final_noise=args.final_noise,
     )  # fmt: skip
-    report: dict = {"train_seconds": res.seconds, "flops_floor": res.flops_floor}
+    report: dict = {
+        "train_seconds": res.seconds,
+        "flops_floor": res.flops_floor,
+        "train_objective": res.objective,
+    }
     if args.val_limit > 0 and (args.val_data or not args.data):
         from .predictor_eval import evaluate_predictor, forced_flops
 
@@ -222,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": args.targets,
         "chain": str(args.chain),
         "ranking": args.ranking,
+        **_options(args),
         "seed": str(args.seed),
         "data": args.data or f"embedded:{args.style}:train[:{args.limit}]",
         "prompt_template": template,

@@ -1,14 +1,17 @@
 """The predictor training loop: `train_predictor(model, batches, k=, budget=, ...)`.
 
 See `dyrate_ext.train.predictor` (the command line) for the method. Here: the first pass over
-the frozen model (cache, reachable FLOPs floor, type-mass standardisation), the objective
-quality + lambda * (E[FLOPs] - budget)^2 of one batch, Adam on the predictor alone, and the
-folding of the standardisation into the saved linear layer.
+the frozen model (cache, reachable cost floor, type-mass standardisation), Adam on the
+predictor alone over the annealed epochs and an optional final low-noise phase, the objective
+under hard decisions before and after (`Objective.measure`), and the folding of the
+standardisation into the saved linear layer. The objective of one batch,
+quality + lambda * (E[cost] - budget)^2 and its options, is `dyrate_ext.train.objective`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,8 +22,9 @@ from torch import Tensor
 from ..flops import DecoderShape
 from ..policies import DEFAULT_RANKING
 from ..predictor import RatePredictor
-from .gumbel import expected_flops, st_gumbel_softmax, temperature
-from .masked_forward import CaptionBatch, MaskedLlava, Prepared, keep_masks
+from .gumbel import check_currency, expected_cost, temperature
+from .masked_forward import CaptionBatch, MaskedLlava
+from .objective import Cached, Objective
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -35,13 +39,8 @@ class TrainResult:
     predictor: RatePredictor
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    flops_floor: float = 0.0
-
-
-@dataclass
-class _Cached:
-    prep: Prepared
-    teacher: Tensor  # float32 [B, C, V] log-probs of the unpruned model
+    flops_floor: float = 0.0  # the lowest reachable cost fraction, in the budget's currency
+    objective: dict[str, dict] = field(default_factory=dict)  # Objective.measure, start/end
 
 
 def check_budget(budget: float) -> float:
@@ -80,17 +79,6 @@ def _init_predictor(heads: int, num_rates: int, init: RatePredictor | None) -> R
     return out
 
 
-def _quality(student: Tensor, cached: _Cached, kind: str) -> Tensor:
-    valid = cached.prep.row_valid
-    logp = torch.log_softmax(student, dim=-1)
-    if kind == "nll":
-        per = -logp.gather(-1, cached.prep.targets[..., None])[..., 0]
-    else:
-        t = cached.teacher
-        per = (t.exp() * (t - logp)).sum(dim=-1)
-    return (per * valid).sum() / valid.sum()
-
-
 def _fold(pred: RatePredictor, mean: Tensor, std: Tensor) -> RatePredictor:
     """A RatePredictor on raw inputs equal to `pred` on (x - mean) / std."""
     out = RatePredictor(pred.num_heads, pred.num_rates, pred.num_types)
@@ -120,19 +108,33 @@ def train_predictor(
     chain: bool = False,
     ranking: str = DEFAULT_RANKING,
     progress: bool = True,
+    currency: str = "kv-flops",
+    persistence: str = "myopic",
+    persistence_weight: float = 1.0,
+    entropy: float = 0.0,
+    final_phase_steps: int = 0,
+    final_noise: float = 0.0,
+    measure: bool = True,
 ) -> TrainResult:
     """Train a RatePredictor for a frozen LLaVA model on teacher-forcing batches.
 
     The frozen layers' outputs and the unpruned model's distributions are computed once and
     kept (on the model's device) unless `recompute`, which trades time for memory on big models.
+    `currency`, `persistence` (+ `persistence_weight`) and `entropy`: `Objective`'s options.
+    After the epochs, `final_phase_steps` more steps at tau_end with the Gumbel noise scaled by
+    `final_noise` (0: the argmax decisions DyRate deploys). With `measure`, the objective under
+    hard decisions (argmax and one sample of pi) over all training batches is recorded before
+    and after training (TrainResult.objective).
 
     Raises ValueError for a budget outside (0, 1] or below the reachable floor, k out of
-    range, num_rates < 2, an `init` predictor of another shape, no batches.
+    range, num_rates < 2, an `init` predictor of another shape, no batches, an unknown
+    currency or persistence, a negative entropy weight or final phase.
     """
-    from tqdm.auto import tqdm
-
     budget = check_budget(budget)
     _check_args(num_rates, quality, len(batches), epochs)
+    if final_phase_steps < 0 or final_noise < 0:
+        raise ValueError("final_phase_steps and final_noise must be >= 0")
+    check_currency(currency)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -143,90 +145,114 @@ def train_predictor(
     pred = _init_predictor(masked.num_heads, num_rates, init).to(device)
     start = time.perf_counter()
 
-    cache, floor, mean, std = _first_pass(masked, batches, num_rates, recompute, progress)
+    cache, floor, mean, std = _first_pass(masked, batches, num_rates, recompute, progress, currency)
     if budget < floor - 1e-6:
         raise ValueError(
-            f"budget {budget} is below the lowest decoder-FLOPs fraction reachable on this data "
+            f"budget {budget} is below the lowest {currency} fraction reachable on this data "
             f"with k={k}, K={num_rates} (every step at rate {num_rates - 1}/{num_rates}): "
             f"{floor:.4f}"
         )
-    if init is not None:  # start from the given predictor on standardised inputs
-        with torch.no_grad():
-            w = pred.linear.weight.clone()
-            pred.linear.weight.copy_(w * std)
-            pred.linear.bias.add_((w * mean).sum(dim=1))
-    objective = _Objective(masked, shape, budget, lam, quality, mean, std, chain, ranking)
+    if init is not None:
+        _standardise(pred, mean, std)
+    objective = Objective(
+        masked, shape, budget, lam, quality, mean, std, chain, ranking, currency, persistence,
+        persistence_weight, entropy,
+    )  # fmt: skip
+
+    def data(i: int) -> Cached:
+        return cache[i] if cache is not None else _prepare(masked, batches[i])
+
+    record: dict[str, dict] = {}
+    if measure:
+        record["start"] = _measure(objective, pred, data, len(batches), device, seed)
     opt = torch.optim.Adam(pred.parameters(), lr=lr)
     gen = torch.Generator(device=device).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
     total = epochs * len(batches)
+    plan = [(e, i) for e in range(epochs) for i in _order(len(batches), order_gen)]
+    final = [
+        i
+        for _ in range(-(-final_phase_steps // len(batches)))
+        for i in _order(len(batches), order_gen)
+    ]
+    plan += [(-1, i) for i in final[:final_phase_steps]]
+    history = _steps(objective, pred, opt, gen, data, plan, total, (tau_start, tau_end),
+                     final_noise, f"predictor b={budget}", progress)  # fmt: skip
+    if measure:
+        record["end"] = _measure(objective, pred, data, len(batches), device, seed)
+    seconds = time.perf_counter() - start
+    return TrainResult(_fold(pred, mean, std), history, seconds, floor, record)
+
+
+def _standardise(pred: RatePredictor, mean: Tensor, std: Tensor) -> None:
+    """Turn a predictor on raw inputs into the same on (x - mean) / std, in place."""
+    with torch.no_grad():
+        w = pred.linear.weight.clone()
+        pred.linear.weight.copy_(w * std)
+        pred.linear.bias.add_((w * mean).sum(dim=1))
+
+
+def _order(n: int, gen: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def _measure(
+    objective: Objective,
+    pred: RatePredictor,
+    data: Callable[[int], Cached],
+    n: int,
+    device: torch.device,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """`Objective.measure` over all batches: argmax and sampled (its own seeded noise)."""
+    items = [data(i) for i in range(n)]
+    gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    return {
+        "argmax": objective.measure(pred, items, None, 0.0),
+        "sampled": objective.measure(pred, items, gen, 1.0),
+    }
+
+
+def _steps(
+    objective: Objective,
+    pred: RatePredictor,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    data: Callable[[int], Cached],
+    plan: list[tuple[int, int]],
+    total: int,
+    taus: tuple[float, float],
+    final_noise: float,
+    desc: str,
+    progress: bool,
+) -> list[dict]:
+    """Adam steps over plan's (epoch, batch) pairs; epoch -1: the final phase (tau_end,
+    noise final_noise). total: the annealed steps. Returns the history."""
+    from tqdm.auto import tqdm
+
     history: list[dict] = []
-    bar = tqdm(total=total, desc=f"predictor b={budget}", disable=not progress)
-    step = 0
-    for epoch in range(epochs):
-        for i in torch.randperm(len(batches), generator=order_gen).tolist():
-            c = cache[i] if cache is not None else _prepare(masked, batches[i])
-            tau = temperature(step, total, tau_start, tau_end)
-            loss, rec = objective(pred, c, tau, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            rec = {"step": step, "epoch": epoch, "tau": tau, **rec}
-            history.append(rec)
-            bar.set_postfix(q=f"{rec['quality']:.4f}", flops=f"{rec['expected_flops']:.3f}")
-            bar.update(1)
-            step += 1
+    bar = tqdm(total=len(plan), desc=desc, disable=not progress)
+    for step, (epoch, i) in enumerate(plan):
+        final = epoch < 0
+        tau = taus[1] if final else temperature(step, total, *taus)
+        loss, rec = objective(pred, data(i), tau, gen, final_noise if final else 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rec = {"step": step, "epoch": "final" if final else epoch, "tau": tau, **rec}
+        history.append(rec)
+        bar.set_postfix(q=f"{rec['quality']:.4f}", flops=f"{rec['expected_flops']:.3f}")
+        bar.update(1)
     bar.close()
-    return TrainResult(_fold(pred, mean, std), history, time.perf_counter() - start, floor)
+    return history
 
 
-@dataclass
-class _Objective:
-    """quality + lam * (E[FLOPs] - budget)^2 of one batch, with the step's statistics."""
-
-    masked: MaskedLlava
-    shape: DecoderShape
-    budget: float
-    lam: float
-    quality: str
-    mean: Tensor  # [H*4] type-mass feature mean and std over the training steps
-    std: Tensor
-    chain: bool = False  # keep_masks' chain option
-    ranking: str = DEFAULT_RANKING  # how decode steps rank the held image tokens (RANKINGS)
-
-    def __call__(
-        self, pred: RatePredictor, c: _Cached, tau: float, gen: torch.Generator
-    ) -> tuple[Tensor, dict]:
-        p, k = c.prep, self.masked.k
-        feats = (p.type_mass.flatten(2) - self.mean) / self.std  # [B, C, H*4]
-        logits = pred(feats.flatten(0, 1)).view(*feats.shape[:2], pred.num_rates)  # [B, C, K]
-        y = st_gumbel_softmax(logits, tau, gen)
-        m, kept, clamped = keep_masks(
-            p.token_score, p.token_type, y, p.row_valid, self.chain, self.ranking
-        )
-        q = _quality(self.masked.upper(p, m), c, self.quality)
-        pi = torch.softmax(logits, dim=-1)
-        e_flops = expected_flops(self.shape, k, pi, p.num_image, p.prompt_length, p.row_valid)
-        loss = q + self.lam * (e_flops - self.budget) ** 2
-        hard = F.one_hot(y.detach().argmax(-1), pred.num_rates).float()
-        sampled = expected_flops(self.shape, k, hard, p.num_image, p.prompt_length, p.row_valid)
-        valid = p.row_valid
-        return loss, {
-            "loss": float(loss.detach()),
-            "quality": float(q.detach()),
-            "expected_flops": float(e_flops.detach()),
-            "sampled_flops": float(sampled),
-            "clamped_steps": float(clamped[valid].float().mean()),
-            "mean_kept": float(kept[valid].float().mean()),
-        }
-
-
-def _prepare(masked: MaskedLlava, batch: CaptionBatch) -> _Cached:
+def _prepare(masked: MaskedLlava, batch: CaptionBatch) -> Cached:
     """The frozen layers' outputs and the unpruned model's log-probs of one batch."""
     prep = masked.prepare(batch.to(masked.model.lm_head.weight.device))
     with torch.no_grad():
         teacher = torch.log_softmax(masked.upper(prep, None), dim=-1)
-    return _Cached(prep, teacher)
+    return Cached(prep, teacher)
 
 
 def _first_pass(
@@ -235,22 +261,23 @@ def _first_pass(
     num_rates: int,
     recompute: bool,
     progress: bool,
-) -> tuple[list[_Cached] | None, float, Tensor, Tensor]:
+    currency: str = "kv-flops",
+) -> tuple[list[Cached] | None, float, Tensor, Tensor]:
     """Run the frozen model over every batch once: (the cache or None, the lowest reachable
-    FLOPs fraction (every step at rate (K-1)/K, ratio of sums), the type-mass feature mean and
+    cost fraction in `currency` (every step at rate (K-1)/K, ratio of sums), the type-mass feature mean and
     std over all valid steps [H*4])."""
     from tqdm.auto import tqdm
 
     shape = DecoderShape.from_config(masked.model.config)
-    cache: list[_Cached] = []
+    cache: list[Cached] = []
     cost = base = 0.0
     rows = []
     for b in tqdm(batches, desc="frozen layers", disable=not progress, leave=False):
         c = _prepare(masked, b)
         p = c.prep
         low = F.one_hot(torch.full_like(p.targets, num_rates - 1), num_rates).float()
-        parts = expected_flops(
-            shape, masked.k, low, p.num_image, p.prompt_length, p.row_valid, parts=True
+        parts = expected_cost(
+            shape, masked.k, low, p.num_image, p.prompt_length, p.row_valid, currency, parts=True
         )
         cost, base = cost + float(parts[0]), base + float(parts[1])
         rows.append(p.type_mass[p.row_valid].flatten(1))  # [R, H*4]
