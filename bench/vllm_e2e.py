@@ -12,11 +12,13 @@ this model's NoPrune attention through the reference loop (no trained weights ex
 Every policy of the demo runs through `dyrate_ext.vllm.engine_args` (NoPrune through the
 plugin, which equals vanilla vLLM). For each repeat, each policy in turn gets an engine (vLLM
 in this process, max_num_seqs = the largest concurrency) and, for each concurrency c, c
-requests with distinct pictures and questions submitted at once: once for 1 new token (the
-prefill time) and once for `max_new_tokens` (no stop token). Per row (medians over repeats):
-- prefill_s: the wall time of the 1-token run;
-- tokens_per_s: decode throughput, c * (T - 1) / (time of the T-token run - prefill_s);
-- requests_per_s: c / time of the T-token run;
+requests with distinct pictures and questions submitted at once: once for 2 new tokens (the
+engine warm-up, untimed) and once for `max_new_tokens` (no stop token), stepping the engine
+(`LLMEngine.step`) and timing each step. Per row (medians over repeats):
+- prefill_s: the first engine step, which computes every prompt (the step's token budget is
+  the largest concurrency times max_model_len);
+- tokens_per_s: decode throughput, c * (T - 1) / the time of the T - 1 later steps;
+- requests_per_s: c / the time of all steps;
 - kept_image: image tokens the layers >= k hold at the last step (mean over requests);
 and each ratio to NoPrune at the same concurrency, from the same repeat (median of the
 per-repeat ratios: a slow spell of the machine hits both runs of a pair).
@@ -118,13 +120,22 @@ def requests(config: VllmBenchConfig, n: int) -> list[dict]:
     ]
 
 
-def _timed(llm: Any, prompts: list[dict], tokens: int) -> float:
+def _timed(llm: Any, prompts: list[dict], tokens: int) -> tuple[float, float, float]:
+    """Submit every prompt at once and step the engine to the end: (prefill_s, decode_s,
+    total_s). The step budget holds every prompt, so the first step is all the prefills and
+    each later one a decode step of every request."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    return time.perf_counter() - start
+    engine = llm.llm_engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", prompt, params)
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times[0], sum(times[1:]), sum(times)
 
 
 def _kept_image(llm: Any) -> float | None:
@@ -142,7 +153,13 @@ def run_policy(config: VllmBenchConfig, model_dir: Path, policy: Any, path: Path
 
     from dyrate_ext.vllm import engine_args
 
-    args = engine_args(policy, predictor_path=path, max_model_len=config.max_model_len)
+    budget = config.max_model_len * max(config.concurrency)  # every prefill in one step
+    args = engine_args(
+        policy,
+        predictor_path=path,
+        max_model_len=config.max_model_len,
+        max_num_batched_tokens=budget,
+    )
     llm = LLM(
         model=str(model_dir), dtype="float32", max_num_seqs=max(config.concurrency), seed=0, **args
     )
@@ -151,9 +168,8 @@ def run_policy(config: VllmBenchConfig, model_dir: Path, policy: Any, path: Path
         for c in config.concurrency:
             prompts = requests(config, c)
             _timed(llm, prompts, 2)  # warm-up: the pictures' preprocessing, first-call costs
-            prefill = _timed(llm, prompts, 1)
-            total = _timed(llm, prompts, config.max_new_tokens)
-            out[c] = (prefill, total, _kept_image(llm))
+            prefill, decode, total = _timed(llm, prompts, config.max_new_tokens)
+            out[c] = (prefill, decode, total, _kept_image(llm))
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -181,34 +197,33 @@ def run(config: VllmBenchConfig, folder: Path, progress: bool = True) -> dict[st
     steps = config.max_new_tokens - 1
     for name, _ in policies:
         for c in config.concurrency:
-            samples = [r[c] for r in runs[name]]
-            base = [r[c] for r in runs["NoPrune"]]
-            decode = [c * steps / max(t - p, 1e-9) for p, t, _ in samples]
-            base_decode = [c * steps / max(t - p, 1e-9) for p, t, _ in base]
-            kept = samples[-1][2]
+            # per repeat: (prefill_s, decode tokens/s, requests/s), and NoPrune's of that repeat
+            mine = [(p, c * steps / d, c / t) for p, d, t, _ in (r[c] for r in runs[name])]
+            base = [(p, c * steps / d, c / t) for p, d, t, _ in (r[c] for r in runs["NoPrune"])]
+
+            def ratio(i: int, mine=mine, base=base) -> float:
+                return statistics.median(m[i] / b[i] for m, b in zip(mine, base))
+
             rows.append(
                 {
                     "policy": name,
                     "concurrency": c,
-                    "prefill_s": statistics.median(p for p, _, _ in samples),
-                    "tokens_per_s": statistics.median(decode),
-                    "requests_per_s": statistics.median(c / t for _, t, _ in samples),
-                    "kept_image": kept,
-                    "tokens_per_s_vs_noprune": statistics.median(
-                        a / b for a, b in zip(decode, base_decode)
-                    ),
-                    "prefill_vs_noprune": statistics.median(
-                        s[0] / b[0] for s, b in zip(samples, base)
-                    ),
-                    "requests_per_s_vs_noprune": statistics.median(
-                        b[1] / s[1] for s, b in zip(samples, base)
-                    ),
+                    "prefill_s": statistics.median(m[0] for m in mine),
+                    "tokens_per_s": statistics.median(m[1] for m in mine),
+                    "requests_per_s": statistics.median(m[2] for m in mine),
+                    "kept_image": runs[name][-1][c][3],
+                    "prefill_vs_noprune": ratio(0),
+                    "tokens_per_s_vs_noprune": ratio(1),
+                    "requests_per_s_vs_noprune": ratio(2),
+                    "runs": [list(m) for m in mine],
                 }
             )
     import vllm
 
+    # the checkout this script is in: the package runs from an installed copy, not a checkout
     meta = run_metadata(
         "cpu",
+        commit=git_commit(Path(__file__).resolve().parent),
         vllm=vllm.__version__,
         config={
             "concurrency": list(config.concurrency),

@@ -8,6 +8,8 @@ vanilla vLLM.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from cases import (
     MAX_MODEL_LEN,
@@ -91,6 +93,23 @@ def test_arrivals_while_decoding(engines, llava_dir, hf_llava, name):
     assert sorted(done) == [f"r{i}" for i in range(4)]
     for i, req in enumerate(requests):
         assert done[f"r{i}"] == reference_tokens(hf_llava, req, policy, NEW_TOKENS), f"r{i}"
+
+
+def test_text_only_request_beside_pictures(engines, llava_dir, hf_llava):
+    """A request without a picture runs unpruned in the same batch as pruned ones."""
+    llm, policy = _engine(engines, llava_dir, "fastv_k2")
+    requests = [*llava_requests(2), {"prompt": "USER: describe a dog . ASSISTANT:"}]
+    outputs = llm.generate(requests, GREEDY, use_tqdm=False)
+    for req, out in zip(requests[:2], outputs):
+        assert list(out.outputs[0].token_ids) == reference_tokens(hf_llava, req, policy, NEW_TOKENS)
+    model, processor = hf_llava
+    enc = processor(text=requests[2]["prompt"], return_tensors="pt")
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # as vLLM's ignore_eos
+    plain = model.generate(
+        **enc, generation_config=config, max_new_tokens=NEW_TOKENS, do_sample=False
+    )
+    assert list(outputs[2].outputs[0].token_ids) == plain[0, enc["input_ids"].shape[1] :].tolist()
 
 
 def test_noprune_equals_vanilla(engines, llava_dir, tmp_path):

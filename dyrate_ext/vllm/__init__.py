@@ -36,6 +36,7 @@ def engine_args(
     *,
     predictor_path: str | os.PathLike[str] | None = None,
     max_model_len: int = 4096,
+    max_num_batched_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` (or `EngineArgs`) that run `policy` in the decoder.
 
@@ -43,9 +44,16 @@ def engine_args(
         policy: NoPrune, FastV, VTW, AttentionMass or DyRate.
         architecture: the checkpoint's architecture (one of SUPPORTED).
         predictor_path: DyRate only: the predictor's .safetensors file.
-        max_model_len: the longest request; every prompt is computed in one step, so the step's
-            token budget (max_num_batched_tokens) is at least this.
+        max_model_len: the longest request.
+        max_num_batched_tokens: the tokens one step computes (default max_model_len): every
+            prompt is computed in one step, so at least max_model_len (ValueError otherwise).
     """
+    budget = max_model_len if max_num_batched_tokens is None else max_num_batched_tokens
+    if budget < max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens = {budget} < max_model_len = {max_model_len}: a prompt must "
+            "fit in one step (chunked prefill is not supported)"
+        )
     if architecture not in SUPPORTED:
         raise ValueError(f"architecture: {architecture!r} is not one of {SUPPORTED}")
     return {
@@ -60,7 +68,7 @@ def engine_args(
         "enable_prefix_caching": False,
         "enable_chunked_prefill": False,
         "max_model_len": max_model_len,
-        "max_num_batched_tokens": max_model_len,
+        "max_num_batched_tokens": budget,
     }
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..policies import Policy
 from ..state import PruningState
-from ..token_types import prompt_token_type
+from ..token_types import TokenType, prompt_token_type
 from .paged import PagedKV, cpu_views, gather_keys
 
 __all__ = ["PrunedDecoder", "RequestStep"]
@@ -97,7 +97,10 @@ class PrunedDecoder:
         if step.num_computed == 0:
             assert step.prompt_token_ids is not None
             ids = torch.tensor([step.prompt_token_ids], device=device)
-            types = prompt_token_type(ids, torch.ones_like(ids), self.image_token_id)
+            if bool((ids == self.image_token_id).any()):
+                types = prompt_token_type(ids, torch.ones_like(ids), self.image_token_id)
+            else:  # a text-only request: no image token to prune, every slot kept
+                types = torch.full(ids.shape, TokenType.SYSTEM, dtype=torch.int8, device=device)
             state = PruningState(self.policy, len(self.layers), types, external=True)
             if self.tp_size > 1:
                 state.reduce_stats = _reduce_over_heads
