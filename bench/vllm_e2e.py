@@ -54,6 +54,7 @@ from dyrate_ext.embedded import (
 )
 from dyrate_ext.llava import NoPrune, generate
 from dyrate_ext.results import format_table, run_metadata, write_results
+from dyrate_ext.timing import git_commit
 
 
 @dataclass
