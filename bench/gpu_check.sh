@@ -10,7 +10,10 @@
 # 4. runs the op benchmark on the GPU, which writes bench/results/ops-<device>.{json,md};
 # 5. compares the measured GB/s with bench/kernel_model.py's estimate for this device (SM
 #    count from torch, bandwidth BANDWIDTH, default 3.35e12 B/s), written to
-#    bench/results/kernel_model-<device>.md.
+#    bench/results/kernel_model-<device>.md;
+# 6. where vLLM 0.32 is importable (VLLM_PYTHON, default PYTHON, with dyrate_ext installed in
+#    it), the vLLM tier on the GPU model runner: FLASH_ATTN's paged layout, checked by the
+#    plugin's layout probe at the first forward, has not run anywhere yet.
 # Environment: PYTHON (default python), COMPUTE_SANITIZER (default compute-sanitizer),
 # DYRATE_CUDA_ARCHS, MAX_JOBS, BANDWIDTH; SKIP_BENCH=1 stops after the sanitizers.
 set -euo pipefail
@@ -57,6 +60,15 @@ for tool in memcheck racecheck; do
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
     "$PY" bench/sanitize_case.py
 done
+
+echo "== vLLM tier (GPU model runner, FLASH_ATTN layout)"
+VPY=${VLLM_PYTHON:-$PY}
+if "$VPY" -c "import vllm, dyrate_ext.vllm" 2> /dev/null; then
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 "$VPY" -m pytest -q -p no:cacheprovider --import-mode=importlib \
+    -o pythonpath= vllm_tests -k "not tp2"
+else
+  echo "vLLM is not installed for $VPY: skipped (pip install 'dyrate_ext[vllm]' where PyPI is reachable)"
+fi
 
 if [ "${SKIP_BENCH:-0}" = "1" ]; then
   exit 0

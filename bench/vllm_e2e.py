@@ -10,7 +10,8 @@ saved to a folder vLLM loads. DyRate gets the hand-set predictor of the demo, ca
 this model's NoPrune attention through the reference loop (no trained weights exist for it).
 
 Every policy of the demo runs through `dyrate_ext.vllm.engine_args` (NoPrune through the
-plugin, which equals vanilla vLLM). For each repeat, each policy in turn gets an engine (vLLM
+plugin, which equals vanilla vLLM). After one untimed engine (the process's one-time costs),
+for each repeat (each starting with the next policy), each policy in turn gets an engine (vLLM
 in this process, max_num_seqs = the largest concurrency) and, for each concurrency c, c
 requests with distinct pictures and questions submitted at once: once for 2 new tokens (the
 engine warm-up, untimed) and once for `max_new_tokens` (no stop token), stepping the engine
@@ -64,7 +65,7 @@ class VllmBenchConfig:
     model: E2EConfig = field(default_factory=E2EConfig)
     concurrency: tuple[int, ...] = (1, 4, 16)
     max_new_tokens: int = 32
-    repeats: int = 2
+    repeats: int = 3
     max_model_len: int = 1024
 
 
@@ -189,8 +190,10 @@ def run(config: VllmBenchConfig, folder: Path, progress: bool = True) -> dict[st
     policies, _ = make_policies(mc.num_layers, predictor, mc.dyrate_k, mc.mass_p, mc.mass_k)
     policies = [("NoPrune", NoPrune()), *policies]
     runs: dict[str, list[dict]] = {name: [] for name, _ in policies}
+    run_policy(config, model_dir, NoPrune(), path)  # untimed: the process's one-time costs
     for repeat in range(config.repeats):
-        for name, policy in policies:
+        shift = repeat % len(policies)  # each repeat starts with another policy
+        for name, policy in policies[shift:] + policies[:shift]:
             if progress:
                 print(f"[vllm_e2e] repeat {repeat + 1}/{config.repeats}: {name}", file=sys.stderr)
             runs[name].append(run_policy(config, model_dir, policy, path))
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results/vllm_e2e.json")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="smoke-test size")
     ap.add_argument("--work", default=None, help="folder for the model (default: temporary)")
     args = ap.parse_args(argv)

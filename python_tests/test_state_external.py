@@ -16,7 +16,7 @@ from test_state import LAYERS, S, _Scripted, prompt_types
 from dyrate_ext.policies import RANKINGS
 from dyrate_ext.slots import ExternalSlotGroup
 from dyrate_ext.state import PruningState
-from dyrate_ext.vllm.paged import PagedKV, cpu_views, gather_keys, probe_cpu_layout
+from dyrate_ext.vllm.paged import PagedKV, cpu_views, gather_keys, probe_layout
 
 pytestmark = pytest.mark.needs_ext
 
@@ -107,24 +107,29 @@ def test_external_group_refuses_writes_and_a_missing_mover(gen):
         ext.pruned.compact(torch.rand(1, S), torch.tensor([3]))
 
 
-def _hand_write(key, value, key_cache, value_cache, slots):
-    """CPU_ATTN's packing, written by hand: keys [D, block] and values [block, D] per head."""
-    nb, h, bs, d = key_cache.shape
-    base = key_cache.as_strided((nb, h, 2 * bs * d), (key_cache.stride(0), key_cache.stride(1), 1))
+def _cpu_write(key, value, kv_cache, slots):
+    """CPU_ATTN's packing, by hand: per block and head, keys [D, block] then values [block, D]."""
+    nb, h, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    flat = kv_cache.view(nb, h, bs * two_d)
     for t, s in enumerate(slots.tolist()):
         blk, off = divmod(s, bs)
-        base[blk, :, : bs * d].view(h, d, bs)[:, :, off] = key[t]
-        base[blk, :, bs * d :].view(h, bs, d)[:, off, :] = value[t]
+        flat[blk, :, : bs * d].view(h, d, bs)[:, :, off] = key[t]
+        flat[blk, :, bs * d :].view(h, bs, d)[:, off, :] = value[t]
 
 
-def test_probe_accepts_the_packing_and_refuses_another():
-    probe_cpu_layout(_hand_write, torch.float32, 2, 8, 16)
+def _flash_write(key, value, kv_cache, slots):
+    """FLASH_ATTN's (vLLM 0.32), by hand: each slot's key then value in the last dimension."""
+    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    for t, s in enumerate(slots.tolist()):
+        kv_cache[s // bs, :, s % bs, :d] = key[t]
+        kv_cache[s // bs, :, s % bs, d:] = value[t]
 
-    def keys_not_transposed(key, value, key_cache, value_cache, slots):
-        bs = key_cache.shape[2]
-        for t, s in enumerate(slots.tolist()):
-            key_cache[s // bs, :, s % bs] = key[t]
-            value_cache[s // bs, :, s % bs] = value[t]
 
+@pytest.mark.parametrize("backend, write", [("CPU_ATTN", _cpu_write), ("FLASH_ATTN", _flash_write)])
+def test_probe_accepts_the_packing_and_refuses_another(backend, write):
+    like = torch.empty(5, 2, 16, 16)  # [num_blocks, H_kv, block_size, 2 * D]
+    probe_layout(write, like, backend)
+    other = _flash_write if write is _cpu_write else _cpu_write
     with pytest.raises(RuntimeError, match="packs keys in a layout"):
-        probe_cpu_layout(keys_not_transposed, torch.float32, 2, 8, 16)
+        probe_layout(other, like, backend)

@@ -1,12 +1,14 @@
-"""The dyrate_ext.hf reference tokens of the tiny Qwen2-VL prompts (run in the MAIN venv).
+"""The dyrate_ext.hf reference tokens of the tiny Qwen2-VL / Qwen2.5-VL prompts (run in the MAIN
+venv).
 
     /work/main/.venv/bin/python vllm_tests/qwen2_vl_reference.py FOLDER SPEC_JSON N [ATTN]
 
-Loads FOLDER (tiny_qwen2_vl.build) with transformers, processes each prompt of
-`tiny_qwen2_vl.prompts()` with the folder's processor, and generates N new tokens greedily,
-eos ignored, one prompt at a time, under the policy SPEC_JSON describes (the dict format of
-dyrate_ext.vllm.spec.policy_from_spec, e.g. '{"policy": "FastV", "k": 2, "r": 0.5}') through
-`dyrate_ext.hf.pruning`; SPEC_JSON 'null' runs plain `model.generate` (no dyrate_ext.hf). ATTN is the HF attention implementation ("sdpa" default, or
+Loads FOLDER (tiny_qwen2_vl.build, either version: Qwen2VLForConditionalGeneration or
+Qwen2_5_VLForConditionalGeneration, as its config.json names) with transformers, processes
+each prompt of `tiny_qwen2_vl.prompts()` with the folder's processor, and generates N new
+tokens greedily, eos ignored, one prompt at a time, under the policy SPEC_JSON describes (the
+dict format of dyrate_ext.vllm.spec.policy_from_spec, e.g. '{"policy": "FastV", "k": 2,
+"r": 0.5}') through `dyrate_ext.hf.pruning`; SPEC_JSON 'null' runs plain `model.generate` (no dyrate_ext.hf). ATTN is the HF attention implementation ("sdpa" default, or
 "eager"). Prints one JSON line:
 
     {"prompt_token_ids": [[...], ...], "tokens": [[...], ...], "kept_image": [[...], ...]}
@@ -25,11 +27,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_qwen2_vl import load_processor, prompts
+from tiny_qwen2_vl import MODEL_CLASS, load_processor, prompts, version_of
 
 
 def main(folder: str, spec_json: str, n: int, attn: str = "sdpa") -> dict:
-    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
 
     import dyrate_ext.hf as hf
     from dyrate_ext.vllm.spec import policy_from_spec  # torch only, no vLLM import
@@ -37,7 +39,8 @@ def main(folder: str, spec_json: str, n: int, attn: str = "sdpa") -> dict:
     spec = json.loads(spec_json)
     policy = None if spec is None else policy_from_spec(spec)
     processor = load_processor(folder)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    model_class = getattr(transformers, MODEL_CLASS[version_of(folder)])
+    model = model_class.from_pretrained(
         folder, dtype=torch.float32, attn_implementation=attn
     ).eval()
     pad = processor.tokenizer.pad_token_id

@@ -1,14 +1,19 @@
-"""A tiny Qwen2-VL checkpoint folder that vLLM 0.32 and transformers 5 load offline.
+"""A tiny Qwen2-VL or Qwen2.5-VL checkpoint folder that vLLM 0.32 and transformers 5 load
+offline.
 
     from tiny_qwen2_vl import build, prompts
     build("/tmp/tiny_qwen2_vl")          # config, random seeded weights, tokenizer, processor
+    build("/tmp/tiny_qwen2_5_vl", "2.5") # the same for Qwen2.5-VL
     for text, image in prompts(): ...    # 3 (prompt, PIL image) pairs, different lengths
 
-Sizes: a Qwen2 text model of hidden 128, 6 layers, 4 query heads of 32 (vLLM's CPU attention
-takes head size 32), 2 kv heads, M-RoPE sections [4, 6, 6] (sum = head_dim / 2); a 2-block
-vision tower of width 64 (2 heads of 32), patch 14, merge 2. Images are multiples of 28
-pixels inside [min_pixels, max_pixels], so the image processor does not resize them:
-112x112 -> 16 image tokens, 168x112 -> 24, 224x224 -> 64.
+Sizes (both versions): a Qwen2 text model of hidden 128, 6 layers, 4 query heads of 32 (vLLM's
+CPU attention takes head size 32), 2 kv heads, M-RoPE sections [4, 6, 6] (sum = head_dim / 2);
+a vision tower of width 64 (2 heads of 32), patch 14, merge 2. Qwen2-VL's has 2 blocks;
+Qwen2.5-VL's has 4 (RMSNorm, gated MLP of 128), window attention in blocks 0 and 2 and full
+attention in blocks 1 and 3, windows of 56 pixels (2x2 merged tokens), so every image spans
+several windows (4, 6 and 16). Images are multiples of 28 pixels inside [min_pixels,
+max_pixels], so the image processor does not resize them: 112x112 -> 16 image tokens,
+168x112 -> 24, 224x224 -> 64.
 
 The tokenizer is a word-level `tokenizers` tokenizer built in code (lower-cased words and
 punctuation, unknown words -> <unk>) with Qwen2-VL's special tokens as single tokens; its
@@ -35,6 +40,12 @@ from dyrate_ext.embedded import peak_text_weights
 SEED = 0
 VOCAB_SIZE = 256
 HIDDEN, LAYERS, HEADS, KV_HEADS = 128, 6, 4, 2
+VERSIONS = ("2", "2.5")
+
+# per version: the model class (transformers' name, also config.json's architecture) and the
+# processor class
+MODEL_CLASS = {"2": "Qwen2VLForConditionalGeneration", "2.5": "Qwen2_5_VLForConditionalGeneration"}
+PROCESSOR_CLASS = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor"}
 
 SPECIAL = (
     "<unk>",
@@ -89,8 +100,8 @@ def build_tokenizer():
     )
 
 
-def _config(vocab: dict[str, int]):
-    from transformers import Qwen2VLConfig
+def _config(vocab: dict[str, int], version: str = "2"):
+    import transformers
 
     text = dict(
         vocab_size=VOCAB_SIZE,
@@ -107,18 +118,29 @@ def _config(vocab: dict[str, int]):
         pad_token_id=vocab["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    vision = dict(
-        depth=2,
-        embed_dim=64,
-        hidden_size=HIDDEN,  # the merger's output width = the text width
-        mlp_ratio=2,
-        num_heads=2,
-        in_channels=3,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    return Qwen2VLConfig(
+    vision: dict = dict(num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2)
+    vision["temporal_patch_size"] = 2
+    if version == "2":
+        vision.update(
+            depth=2,
+            embed_dim=64,
+            hidden_size=HIDDEN,  # the merger's output width = the text width
+            mlp_ratio=2,
+        )
+        config_class = transformers.Qwen2VLConfig
+    elif version == "2.5":
+        vision.update(
+            depth=4,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=HIDDEN,  # the merger's output width = the text width
+            fullatt_block_indexes=[1, 3],
+            window_size=56,  # pixels: 56 // (patch 14 * merge 2) = 2 merged tokens a side
+        )
+        config_class = transformers.Qwen2_5_VLConfig
+    else:
+        raise ValueError(f"version: {version!r} is not one of {VERSIONS}")
+    return config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=vocab["<|image_pad|>"],
@@ -129,8 +151,8 @@ def _config(vocab: dict[str, int]):
     )
 
 
-def build_processor(tokenizer):
-    from transformers import Qwen2VLProcessor
+def build_processor(tokenizer, version: str = "2"):
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -141,7 +163,8 @@ def build_processor(tokenizer):
         temporal_patch_size=2,
         merge_size=2,
     )
-    return make_processor(Qwen2VLProcessor, image_processor, tokenizer)
+    cls = getattr(transformers, PROCESSOR_CLASS[version])
+    return make_processor(cls, image_processor, tokenizer)
 
 
 def make_processor(cls, image_processor, tokenizer):
@@ -185,16 +208,20 @@ def _video_processor_dict(image: dict) -> dict:
     return video
 
 
-def build(folder: str) -> None:
-    """Write the checkpoint folder (config, model.safetensors, tokenizer, processor)."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+def build(folder: str, version: str = "2") -> None:
+    """Write the checkpoint folder (config, model.safetensors, tokenizer, processor) of
+    Qwen2-VL (version "2") or Qwen2.5-VL ("2.5")."""
+    import transformers
+    from transformers import GenerationConfig
 
+    if version not in VERSIONS:
+        raise ValueError(f"version: {version!r} is not one of {VERSIONS}")
     os.makedirs(folder, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = _vocab()
-    config = _config(vocab)
+    config = _config(vocab, version)
     torch.manual_seed(SEED)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = getattr(transformers, MODEL_CLASS[version])(config).eval()
     peak_text_weights(model, SEED + 1, std=0.02, qk_std=0.1)
     model.generation_config = GenerationConfig(
         bos_token_id=vocab["<|endoftext|>"],
@@ -205,14 +232,14 @@ def build(folder: str) -> None:
     # Qwen2VLProcessor.save_pretrained needs a video processor (torchvision); the processor
     # config is written as save_pretrained writes it: the image processor's dict under
     # "image_processor" plus the processor class.
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, version)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "processor_config.json"), "w") as f:
         json.dump(
             {
                 "image_processor": processor.image_processor.to_dict(),
                 "video_processor": _video_processor_dict(processor.image_processor.to_dict()),
-                "processor_class": "Qwen2VLProcessor",
+                "processor_class": PROCESSOR_CLASS[version],
             },
             f,
             indent=2,
@@ -221,17 +248,25 @@ def build(folder: str) -> None:
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         cfg = json.load(f)
-    cfg["architectures"] = ["Qwen2VLForConditionalGeneration"]
+    cfg["architectures"] = [MODEL_CLASS[version]]
     cfg["dtype"] = "float32"
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
 
 
+def version_of(folder: str) -> str:
+    """The version ("2" or "2.5") of a folder `build` wrote (from config.json's architecture)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        arch = json.load(f)["architectures"][0]
+    return {cls: v for v, cls in MODEL_CLASS.items()}[arch]
+
+
 def load_processor(folder: str):
-    """The folder's Qwen2VLProcessor: AutoProcessor where it loads (torchvision present, as in
-    the vLLM environment); else the folder's tokenizer and PIL image processor put together
-    without a video processor (`make_processor`)."""
-    from transformers import AutoProcessor, AutoTokenizer, Qwen2VLProcessor
+    """The folder's Qwen2VLProcessor (Qwen2_5_VLProcessor for Qwen2.5-VL): AutoProcessor where
+    it loads (torchvision present, as in the vLLM environment); else the folder's tokenizer and
+    PIL image processor put together without a video processor (`make_processor`)."""
+    import transformers
+    from transformers import AutoProcessor, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -242,7 +277,8 @@ def load_processor(folder: str):
         pass
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
-    return make_processor(Qwen2VLProcessor, image_processor, tokenizer)
+    cls = getattr(transformers, PROCESSOR_CLASS[version_of(folder)])
+    return make_processor(cls, image_processor, tokenizer)
 
 
 def image(width: int, height: int, seed: int) -> Image.Image:
@@ -259,7 +295,7 @@ def image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def prompt_text(question: str) -> str:
-    """Qwen2-VL's chat template with one image before the question."""
+    """Qwen2-VL's (and Qwen2.5-VL's) chat template with one image before the question."""
     return (
         f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
         f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
@@ -278,5 +314,5 @@ def prompts() -> list[tuple[str, Image.Image]]:
 if __name__ == "__main__":
     import sys
 
-    build(sys.argv[1])
+    build(sys.argv[1], *sys.argv[2:3])
     print("built", sys.argv[1])

@@ -26,7 +26,11 @@ __all__ = ["VLLM_SERIES", "engine_args", "policy_from_spec", "policy_spec", "reg
 VLLM_SERIES = "0.32"
 """The vLLM minor release this package is written and tested for."""
 
-SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+SUPPORTED = (
+    "LlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
 """The Hugging Face architectures the plugin prunes."""
 
 
@@ -80,6 +84,7 @@ def register() -> None:
     for arch, cls in (
         ("LlavaForConditionalGeneration", "DyRateLlava"),
         ("Qwen2VLForConditionalGeneration", "DyRateQwen2VL"),
+        ("Qwen2_5_VLForConditionalGeneration", "DyRateQwen25VL"),
     ):
         name = "DyRate" + arch
         if name not in ModelRegistry.get_supported_archs():

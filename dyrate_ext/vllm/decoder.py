@@ -30,7 +30,7 @@ from .. import ops
 from ..policies import Policy
 from ..state import PruningState
 from ..token_types import TokenType, prompt_token_type
-from .paged import PagedKV, cpu_views, gather_keys
+from .paged import PagedKV, gather_keys, views
 
 __all__ = ["PrunedDecoder", "RequestStep"]
 
@@ -135,8 +135,9 @@ class PrunedDecoder:
         self._captured = None
         scoring = self.scoring
         q = query.view(-1, scoring.num_heads, scoring.head_size)
-        kv_scoring = cpu_views(scoring.kv_cache)
-        caches = [cpu_views(a.kv_cache) for a in self.pruned_attn]
+        backend = scoring.attn_backend.get_name()
+        kv_scoring = views(scoring.kv_cache, backend)
+        caches = [views(a.kv_cache, backend) for a in self.pruned_attn]
 
         rows: list[Tensor] = []
         q_rows: list[int] = []
@@ -194,7 +195,7 @@ class PrunedDecoder:
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         dev = block_table.device
-        block_size = self.pruned_attn[0].kv_cache.shape[2]
+        block_size = self.pruned_attn[0].kv_cache.shape[2]  # both layouts: [nb, H, bs, 2D]
         qsl = torch.zeros(len(q_rows) + 1, dtype=torch.int32)
         qsl[1:] = torch.tensor(q_rows).cumsum(0)
         seq = torch.tensor(lengths, dtype=torch.int32)

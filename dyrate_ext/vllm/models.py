@@ -1,4 +1,5 @@
-"""vLLM model classes that prune: LLaVA-1.5 and Qwen2-VL with `PrunedDecoder` in the decoder.
+"""vLLM model classes that prune: LLaVA-1.5, Qwen2-VL and Qwen2.5-VL with `PrunedDecoder` in the
+decoder.
 
 Each subclasses vLLM's own model and changes only the language model's forward (and, for
 LLaVA, the weight names of a CLIP tower saved by transformers 5). `dyrate_ext.vllm.register`
@@ -14,16 +15,17 @@ from typing import Any
 
 from torch import nn
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
 from ..policies import NoPrune
 from .connector import step_metadata
 from .decoder import PrunedDecoder
-from .paged import SUPPORTED_BACKENDS, probe_cpu_layout
+from .paged import VIEWS, probe_layout
 from .spec import SPEC_KEY, policy_from_spec
 
-__all__ = ["ARCHITECTURES", "DyRateLlava", "DyRateQwen2VL", "check_config"]
+__all__ = ["ARCHITECTURES", "DyRateLlava", "DyRateQwen2VL", "DyRateQwen25VL", "check_config"]
 
 
 def check_config(vllm_config: Any) -> None:
@@ -77,23 +79,20 @@ class _Pruning:
         self._checked_backend = False
 
     def _check_backend(self) -> None:
+        """At the first forward: the attention backend's paged layout is one `paged.VIEWS`
+        knows, checked by writing probe keys/values through the backend's own write path."""
         attn = self.language_model.model.layers[0].self_attn.attn  # type: ignore[attr-defined]
         name = attn.attn_backend.get_name()
-        if name not in SUPPORTED_BACKENDS:
+        if name not in VIEWS:
             raise RuntimeError(
                 f"dyrate_ext.vllm: attention backend {name} is not supported (its paged KV "
-                f"layout is not known here); supported: {', '.join(SUPPORTED_BACKENDS)}"
+                f"layout is not known here); supported: {', '.join(VIEWS)}"
             )
-        from vllm import _custom_ops as ops
 
-        isa = attn.isa
+        def write(key, value, kv_cache, slots):
+            attn.impl.do_kv_cache_update(attn, key, value, kv_cache, slots)
 
-        def write(k, v, kc, vc, slots):
-            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-
-        probe_cpu_layout(
-            write, attn.kv_cache.dtype, attn.num_kv_heads, attn.head_size, attn.kv_cache.shape[2]
-        )
+        probe_layout(write, attn.kv_cache, name)
         self._checked_backend = True
 
     def _pruned_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds):
@@ -142,8 +141,20 @@ class DyRateQwen2VL(_Pruning, Qwen2VLForConditionalGeneration):
         return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
 
 
+class DyRateQwen25VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL (M-RoPE positions [3, T], kept logical) with the decoder pruned."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, vllm_config.model_config.hf_config.image_token_id)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlavaForConditionalGeneration": DyRateLlava,
     "Qwen2VLForConditionalGeneration": DyRateQwen2VL,
+    "Qwen2_5_VLForConditionalGeneration": DyRateQwen25VL,
 }
 """The HF architecture each pruning class replaces (its registered name: DyRate + the class)."""
