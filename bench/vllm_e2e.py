@@ -181,10 +181,9 @@ def run_policy(config: VllmBenchConfig, model_dir: Path, policy: Any, path: Path
 
 def run(config: VllmBenchConfig, folder: Path, progress: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns {"meta", "rows"} (one row per policy and concurrency)."""
-    model_dir, path = build_model(config, folder)
-    predictor = None
     from dyrate_ext.predictor import RatePredictor
 
+    model_dir, path = build_model(config, folder)
     predictor = RatePredictor.load(path)
     mc = config.model
     policies, _ = make_policies(mc.num_layers, predictor, mc.dyrate_k, mc.mass_p, mc.mass_k)

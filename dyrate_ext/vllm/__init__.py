@@ -26,11 +26,15 @@ __all__ = ["VLLM_SERIES", "engine_args", "policy_from_spec", "policy_spec", "reg
 VLLM_SERIES = "0.32"
 """The vLLM minor release this package is written and tested for."""
 
-SUPPORTED = (
-    "LlavaForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
-)
+MODEL_CLASSES = {
+    "LlavaForConditionalGeneration": "DyRateLlava",
+    "Qwen2VLForConditionalGeneration": "DyRateQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "DyRateQwen25VL",
+}
+"""The Hugging Face architectures the plugin prunes and their classes in
+`dyrate_ext.vllm.models` (registered as "DyRate" + the architecture)."""
+
+SUPPORTED = tuple(MODEL_CLASSES)
 """The Hugging Face architectures the plugin prunes."""
 
 
@@ -81,11 +85,7 @@ def register() -> None:
     module path, so importing vLLM stays cheap)."""
     from vllm import ModelRegistry
 
-    for arch, cls in (
-        ("LlavaForConditionalGeneration", "DyRateLlava"),
-        ("Qwen2VLForConditionalGeneration", "DyRateQwen2VL"),
-        ("Qwen2_5_VLForConditionalGeneration", "DyRateQwen25VL"),
-    ):
+    for arch, cls in MODEL_CLASSES.items():
         name = "DyRate" + arch
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"dyrate_ext.vllm.models:{cls}")

@@ -5,7 +5,7 @@ lengths. This KV connector (vLLM's per-request channel between scheduler and wor
 by `dyrate_ext.vllm.engine_args`) moves no KV at all: at every step its scheduler side sends,
 for each scheduled request, its id, its first KV block (the join key to its row of this
 step's block table: blocks belong to one request while prefix caching is off), its prompt at
-its prefill, and its computed / scheduled token counts, plus the ids of finished requests.
+its prefill, and its computed token count, plus the ids of finished requests.
 The model reads them with `step_metadata()`.
 
 It also refuses, with a message naming the setting, what would give wrong tokens: a prompt
@@ -49,7 +49,6 @@ class DyRateConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
         self._first_block: dict[str, int] = {}
-        self._prompt_len: dict[str, int] = {}
 
     # ---- scheduler side -----------------------------------------------------------------------
 
@@ -74,8 +73,7 @@ class DyRateConnector(KVConnectorBase_V1):
                 )
             first = new.block_ids[0][0]
             self._first_block[new.req_id] = first
-            self._prompt_len[new.req_id] = len(prompt)
-            meta.steps[first] = RequestStep(new.req_id, first, prompt, 0, counts[new.req_id])
+            meta.steps[first] = RequestStep(new.req_id, first, prompt, 0)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             if req_id in cached.resumed_req_ids:
@@ -86,10 +84,9 @@ class DyRateConnector(KVConnectorBase_V1):
                 )
             first = self._first_block[req_id]
             n = cached.num_computed_tokens[i]
-            meta.steps[first] = RequestStep(req_id, first, None, n, counts[req_id])
+            meta.steps[first] = RequestStep(req_id, first, None, n)
         for req_id in scheduler_output.finished_req_ids:
             self._first_block.pop(req_id, None)
-            self._prompt_len.pop(req_id, None)
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]):

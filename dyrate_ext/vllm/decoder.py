@@ -44,14 +44,12 @@ class RequestStep:
         first_block: the first block of its block table (joins it to its batch row).
         prompt_token_ids: the prompt (image placeholders expanded), at its prefill only.
         num_computed: tokens computed before this step.
-        num_scheduled: tokens this step computes.
     """
 
     req_id: str
     first_block: int
     prompt_token_ids: list[int] | None
     num_computed: int
-    num_scheduled: int
 
 
 class PrunedDecoder:
@@ -122,7 +120,7 @@ class PrunedDecoder:
         seq_lens = meta.seq_lens.tolist()
         block_table = meta.block_table
         num_reqs = len(seq_lens)
-        reqs = [steps[int(block_table[i, 0])] for i in range(num_reqs)]
+        reqs = [steps[b] for b in block_table[:num_reqs, 0].tolist()]  # one host read
         states = [self._state(r, hidden.device) for r in reqs]
         for i, state in enumerate(states):
             state.advance(starts[i + 1] - starts[i], pruned=False)

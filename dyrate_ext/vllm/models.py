@@ -3,7 +3,7 @@ decoder.
 
 Each subclasses vLLM's own model and changes only the language model's forward (and, for
 LLaVA, the weight names of a CLIP tower saved by transformers 5). `dyrate_ext.vllm.register`
-registers them under ARCHITECTURES; `engine_args` selects one through `hf_overrides`. The
+registers them (`MODEL_CLASSES`); `engine_args` selects one through `hf_overrides`. The
 policy comes from `additional_config["dyrate"]` (`dyrate_ext.vllm.spec`); the settings that
 would give wrong tokens are refused here, at engine start (`check_config`).
 """
@@ -13,19 +13,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import nn
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
-from ..policies import NoPrune
 from .connector import step_metadata
 from .decoder import PrunedDecoder
 from .paged import VIEWS, probe_layout
 from .spec import SPEC_KEY, policy_from_spec
 
-__all__ = ["ARCHITECTURES", "DyRateLlava", "DyRateQwen2VL", "DyRateQwen25VL", "check_config"]
+__all__ = ["DyRateLlava", "DyRateQwen2VL", "DyRateQwen25VL", "check_config"]
 
 
 def check_config(vllm_config: Any) -> None:
@@ -59,7 +57,19 @@ def check_config(vllm_config: Any) -> None:
 
 
 class _Pruning:
-    """The shared part: the policy, the checks, the PrunedDecoder around `language_model`."""
+    """The shared part, mixed in before vLLM's model class: the policy, the checks, the
+    PrunedDecoder around `language_model` and the forward that runs it."""
+
+    IMAGE_TOKEN_ATTR = "image_token_id"
+    """The hf_config attribute that holds the image placeholder id."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        image_token_id = getattr(vllm_config.model_config.hf_config, self.IMAGE_TOKEN_ATTR)
+        self._init_pruning(vllm_config, image_token_id)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def _init_pruning(self, vllm_config: Any, image_token_id: int) -> None:
         spec = (vllm_config.additional_config or {}).get(SPEC_KEY)
@@ -98,7 +108,7 @@ class _Pruning:
     def _pruned_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds):
         lm = self.language_model.model  # type: ignore[attr-defined]
         meta = step_metadata()
-        if self.dyrate_decoder is None or meta is None or isinstance(self.dyrate_policy, NoPrune):
+        if self.dyrate_decoder is None or meta is None:  # no pruned layer, or no step
             return lm(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         self.dyrate_decoder.forget(meta.finished)
         if not meta.steps:
@@ -112,6 +122,8 @@ class _Pruning:
 class DyRateLlava(_Pruning, LlavaForConditionalGeneration):
     """vLLM's LLaVA with the decoder pruned by the engine's policy."""
 
+    IMAGE_TOKEN_ATTR = "image_token_index"
+
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_regex={
             # transformers 5 saves a CLIPVisionModel tower without its "vision_model." level
@@ -122,39 +134,10 @@ class DyRateLlava(_Pruning, LlavaForConditionalGeneration):
         orig_to_new_prefix=dict(LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix),
     )
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning(vllm_config, vllm_config.model_config.hf_config.image_token_index)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-
 
 class DyRateQwen2VL(_Pruning, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL (M-RoPE positions [3, T], kept logical) with the decoder pruned."""
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning(vllm_config, vllm_config.model_config.hf_config.image_token_id)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-
 
 class DyRateQwen25VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL (M-RoPE positions [3, T], kept logical) with the decoder pruned."""
-
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning(vllm_config, vllm_config.model_config.hf_config.image_token_id)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "LlavaForConditionalGeneration": DyRateLlava,
-    "Qwen2VLForConditionalGeneration": DyRateQwen2VL,
-    "Qwen2_5_VLForConditionalGeneration": DyRateQwen25VL,
-}
-"""The HF architecture each pruning class replaces (its registered name: DyRate + the class)."""
