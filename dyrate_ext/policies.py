@@ -154,6 +154,12 @@ class Policy:
         """The keep count for this step, or None to keep what the layers >= k hold."""
         raise NotImplementedError
 
+    def prefill_keep(self, token_type: Tensor) -> Tensor | None:
+        """int64 [B]: the image tokens the prefill keeps when the prompt's token types
+        int8 [B, S] alone decide it (an engine can then skip allocating the others' KV before
+        the prefill runs), or None when attention decides (the default)."""
+        return None
+
 
 class NoPrune(Policy):
     """Keep every token. With `scoring_layer` set, the trace records that layer's type mass
@@ -194,7 +200,10 @@ class FastV(Policy):
         if stats.step > 0:
             return None
         rate = torch.full_like(stats.num_image, self.r, dtype=torch.float32)
-        return Decision(keep_count_from_rate(stats.token_type, self.r), rate)
+        return Decision(self.prefill_keep(stats.token_type), rate)
+
+    def prefill_keep(self, token_type: Tensor) -> Tensor:
+        return keep_count_from_rate(token_type, self.r)
 
     def __repr__(self) -> str:
         return f"FastV(k={self.k}, r={self.r})"
@@ -210,8 +219,12 @@ class VTW(Policy):
         if stats.step > 0:
             return None
         return Decision(
-            torch.zeros_like(stats.num_image), torch.ones_like(stats.num_image, dtype=torch.float32)
+            self.prefill_keep(stats.token_type),
+            torch.ones_like(stats.num_image, dtype=torch.float32),
         )
+
+    def prefill_keep(self, token_type: Tensor) -> Tensor:
+        return torch.zeros(token_type.shape[0], dtype=torch.int64, device=token_type.device)
 
     def __repr__(self) -> str:
         return f"VTW(k={self.k})"

@@ -222,3 +222,25 @@ def test_decode_removals_follow_the_ranking(gen, ranking):
         assert set(removed[b].nonzero().flatten().tolist()) == set(worst.tolist())
     with pytest.raises(ValueError, match="ranking must be one of"):
         DyRate(RatePredictor(H, 4), K, ranking="future")
+
+
+def test_prefill_keep_is_the_prefill_decision(gen):
+    """Policy.prefill_keep (what an engine may plan before the prefill runs) is what FastV and
+    VTW decide at step 0 from attention statistics; attention-driven policies give None."""
+    from dyrate_ext.policies import VTW, AttentionMass
+
+    types = prompt_types()
+    num_image = (types == TokenType.IMAGE).sum(dim=1)
+    stats = StepStats(
+        0,
+        torch.rand(B, H, 4, generator=gen),
+        torch.rand(B, S, generator=gen),
+        types,
+        num_image,
+        num_image.clone(),
+    )
+    for policy, want in ((FastV(2, 0.3), [28, 28]), (VTW(2), [0, 0])):
+        keep = policy.prefill_keep(types)
+        assert keep is not None and keep.tolist() == want
+        assert torch.equal(policy.decide(stats).keep_count, keep)
+    assert AttentionMass(0.9, 2).prefill_keep(types) is None

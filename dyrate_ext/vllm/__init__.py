@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from ..policies import Policy
-from .spec import SPEC_KEY, policy_from_spec, policy_spec
+from .spec import FREE_KEY, SPEC_KEY, policy_from_spec, policy_spec
 
 __all__ = ["VLLM_SERIES", "engine_args", "policy_from_spec", "policy_spec", "register"]
 
@@ -45,6 +45,7 @@ def engine_args(
     predictor_path: str | os.PathLike[str] | None = None,
     max_model_len: int = 4096,
     max_num_batched_tokens: int | None = None,
+    free_kv_blocks: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` (or `EngineArgs`) that run `policy` in the decoder.
 
@@ -55,6 +56,9 @@ def engine_args(
         max_model_len: the longest request.
         max_num_batched_tokens: the tokens one step computes (default max_model_len): every
             prompt is computed in one step, so at least max_model_len (ValueError otherwise).
+        free_kv_blocks: the layers >= k get KV-cache groups of their own whose blocks of
+            removed tokens go back to vLLM's pool (`dyrate_ext.vllm.kv`), so a server holds
+            more requests; False keeps vLLM's one group (the compute falls, the memory not).
     """
     budget = max_model_len if max_num_batched_tokens is None else max_num_batched_tokens
     if budget < max_model_len:
@@ -66,7 +70,10 @@ def engine_args(
         raise ValueError(f"architecture: {architecture!r} is not one of {SUPPORTED}")
     return {
         "hf_overrides": {"architectures": ["DyRate" + architecture]},
-        "additional_config": {SPEC_KEY: policy_spec(policy, predictor_path)},
+        "additional_config": {
+            SPEC_KEY: policy_spec(policy, predictor_path),
+            FREE_KEY: bool(free_kv_blocks),
+        },
         "kv_transfer_config": {
             "kv_connector": "DyRateConnector",
             "kv_connector_module_path": "dyrate_ext.vllm.connector",
@@ -77,13 +84,20 @@ def engine_args(
         "enable_chunked_prefill": False,
         "max_model_len": max_model_len,
         "max_num_batched_tokens": budget,
+        # vLLM otherwise turns the hybrid allocator (several KV-cache groups) off silently
+        **({"disable_hybrid_kv_cache_manager": False} if free_kv_blocks else {}),
     }
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: register the pruning model classes (lazily, by
-    module path, so importing vLLM stays cheap)."""
+    """The `vllm.general_plugins` entry point (every vLLM process): register the pruning model
+    classes (lazily, by module path, so importing vLLM stays cheap) and the KV-cache spec of
+    the layers >= k with its manager (`dyrate_ext.vllm.kv`)."""
     from vllm import ModelRegistry
+
+    from .kv import register_spec
+
+    register_spec()
 
     for arch, cls in MODEL_CLASSES.items():
         name = "DyRate" + arch

@@ -6,16 +6,24 @@ attention of its current token (the last of its rows) over that layer's keys; th
 >= k run on fewer rows and over fewer slots:
 
 - a request in its prefill keeps the rows `PruningState.prefill_rows` names (its kept image
-  tokens and every text token) and writes them to the first slots of its blocks;
+  tokens and every text token);
 - a request decoding writes its one row after the slots the layers >= k hold, which the state
-  may first compact inside the paged cache (`dyrate_ext.compact_paged_`, every layer >= k in
-  one call, through the request's block table).
+  may first compact inside the paged cache (`dyrate_ext.compact_paged_`, through the request's
+  block table).
 
-Those layers get attention metadata of their own (sequence lengths, query starts and slot
-mapping of the pruned layout, built by the backend's own metadata builder) in vLLM's forward
-context; positions stay the logical ones (DyRate's rule). The rows the layers >= k skip get
-the scoring layer's output, which no logit reads: the last row of each request, the one vLLM
-samples from, is always kept (a prompt ends with text).
+Where the layers >= k hold their slots: when they have KV-cache groups of their own
+(`dyrate_ext.vllm.kv`, `engine_args(free_kv_blocks=True)`, the default), a request that
+removed R tokens keeps its live slots from block `head = R // block_size` of each such group's
+block table on: live slot j at logical index head * block_size + j, at most one block before
+its logical end. Blocks before `head` are never written (the manager frees them); a compaction
+that raises `head` moves the kept slots' whole blocks up, and the new R goes back to the
+scheduler (`DyRateConnector.note_removed`). Without groups of their own, head is 0.
+
+Those layers get attention metadata of their own (their groups' block tables from `head` on,
+sequence lengths, query starts and slot mapping of the pruned layout, built by the backend's
+own metadata builder) in vLLM's forward context; positions stay the logical ones (DyRate's
+rule). The rows the layers >= k skip get the scoring layer's output, which no logit reads: the
+last row of each request, the one vLLM samples from, is always kept (a prompt ends with text).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from ..state import PruningState
 from ..token_types import TokenType, prompt_token_type
 from .paged import PagedKV, gather_keys, views
 
-__all__ = ["PrunedDecoder", "RequestStep"]
+__all__ = ["PrunedDecoder", "RequestStep", "request_token_types"]
 
 
 @dataclasses.dataclass
@@ -44,12 +52,23 @@ class RequestStep:
         first_block: the first block of its block table (joins it to its batch row).
         prompt_token_ids: the prompt (image placeholders expanded), at its prefill only.
         num_computed: tokens computed before this step.
+        planned: at its prefill, the tokens the scheduler planned the prefill to remove
+            (their blocks were not allocated), or None.
     """
 
     req_id: str
     first_block: int
     prompt_token_ids: list[int] | None
     num_computed: int
+    planned: int | None = None
+
+
+def request_token_types(ids: Tensor, image_token_id: int | None) -> Tensor:
+    """int8 [1, S]: the token types of a prompt ids [1, S]; a prompt without an image token
+    is all SYSTEM (nothing to prune, every slot kept)."""
+    if image_token_id is not None and bool((ids == image_token_id).any()):
+        return prompt_token_type(ids, torch.ones_like(ids), image_token_id)
+    return torch.full(ids.shape, TokenType.SYSTEM, dtype=torch.int8, device=ids.device)
 
 
 class PrunedDecoder:
@@ -76,8 +95,15 @@ class PrunedDecoder:
         self.pruned_attn = attn[self.k :]
         self.full_name = attn[0].layer_name
         self.states: dict[str, PruningState] = {}
+        self.heads: dict[str, int] = {}
+        """Per request, the first block (of each pruned group) that holds its live slots."""
+        self.block_size = vllm_config.cache_config.block_size
+        self.groups: list[list[int]] | None = None
+        """The layers >= k (indices into pruned_attn) by KV-cache group, found at the first step."""
         self._captured: tuple[Tensor, Tensor] | None = None
-        self._builder: Any = None
+        self._builders: list[Any] = []
+        self.own_groups = False
+        self.reports: dict[str, int] = {}
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.scoring.register_forward_pre_hook(self._capture)
 
@@ -90,15 +116,14 @@ class PrunedDecoder:
         """Drop the states of finished requests."""
         for r in req_ids:
             self.states.pop(r, None)
+            self.heads.pop(r, None)
 
     def _state(self, step: RequestStep, device: torch.device) -> PruningState:
         if step.num_computed == 0:
             assert step.prompt_token_ids is not None
             ids = torch.tensor([step.prompt_token_ids], device=device)
-            if bool((ids == self.image_token_id).any()):
-                types = prompt_token_type(ids, torch.ones_like(ids), self.image_token_id)
-            else:  # a text-only request: no image token to prune, every slot kept
-                types = torch.full(ids.shape, TokenType.SYSTEM, dtype=torch.int8, device=device)
+            types = request_token_types(ids, self.image_token_id)
+            self.heads[step.req_id] = 0
             state = PruningState(self.policy, len(self.layers), types, external=True)
             if self.tp_size > 1:
                 state.reduce_stats = _reduce_over_heads
@@ -137,9 +162,14 @@ class PrunedDecoder:
         kv_scoring = views(scoring.kv_cache, backend)
         caches = [views(a.kv_cache, backend) for a in self.pruned_attn]
 
+        if self.groups is None:
+            self.groups = self._find_groups(ctx.attn_metadata)
+        names = [[self.pruned_names[j] for j in g] for g in self.groups]
+        tables = [ctx.attn_metadata[g[0]].block_table for g in names]
+
         rows: list[Tensor] = []
         q_rows: list[int] = []
-        for i, state in enumerate(states):
+        for i, (req, state) in enumerate(zip(reqs, states)):
             start, end = starts[i], starts[i + 1]
             qi = q[end - 1 : end].permute(1, 0, 2)[None]  # [1, H, 1, D]
             if state.step == 0:
@@ -148,10 +178,11 @@ class PrunedDecoder:
             else:
                 keys = gather_keys(kv_scoring, block_table[i], seq_lens[i])
             assert state.pruned is not None
-            state.pruned.mover = _mover(caches, block_table[i : i + 1])  # type: ignore[attr-defined]
+            state.pruned.mover = self._mover(req, caches, [t[i] for t in tables])  # type: ignore[attr-defined]
             state.on_scoring_layer(qi, keys, scoring.impl.scale)
             if state.step == 0:
                 idx = state.prefill_rows()[0] + start
+                self._start_region(req, end - start - idx.numel())
             else:
                 idx = torch.arange(start, end, device=hidden.device)
             rows.append(idx)
@@ -160,24 +191,14 @@ class PrunedDecoder:
 
         keep = torch.cat(rows)
         lengths = [s.pruned.length for s in states]  # type: ignore[union-attr]
-        sub_meta, slots = self._pruned_metadata(meta, q_rows, lengths, block_table)
-        saved = (
-            {n: ctx.attn_metadata[n] for n in self.pruned_names},
-            {n: ctx.slot_mapping.get(n) for n in self.pruned_names},
-        )
-        for n in self.pruned_names:
-            ctx.attn_metadata[n] = sub_meta
-            ctx.slot_mapping[n] = slots
+        heads = [self.heads[r.req_id] for r in reqs]
+        metas = [
+            self._pruned_metadata(g, q_rows, lengths, tables[g], heads) for g in range(len(names))
+        ]
         assert residual is not None
-        try:
-            h, res = hidden[keep], residual[keep]
-            pos = positions[..., keep]
-            for layer in self.layers[self.k :]:
-                h, res = layer(pos, h, res)
-        finally:
-            for n in self.pruned_names:
-                ctx.attn_metadata[n] = saved[0][n]
-                ctx.slot_mapping[n] = saved[1][n]
+        h, res = self._pruned_layers(
+            ctx, names, metas, hidden[keep], residual[keep], positions[..., keep]
+        )
         h, _ = self.model.norm(h, res)
         out = torch.zeros_like(hidden)
         out[keep] = h
@@ -185,22 +206,119 @@ class PrunedDecoder:
             state.end_step()
         return out
 
+    def _pruned_layers(
+        self,
+        ctx: Any,
+        names: list[list[str]],
+        metas: list[tuple[Any, Tensor]],
+        h: Tensor,
+        res: Tensor,
+        pos: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Run the layers >= k on the kept rows with each group's metadata and slot mapping
+        (`metas[g]`) in the forward context, restored afterwards."""
+        saved = (
+            {n: ctx.attn_metadata[n] for n in self.pruned_names},
+            {n: ctx.slot_mapping.get(n) for n in self.pruned_names},
+        )
+        for group_names, (sub_meta, slots) in zip(names, metas):
+            for n in group_names:
+                ctx.attn_metadata[n] = sub_meta
+                ctx.slot_mapping[n] = slots
+        try:
+            for layer in self.layers[self.k :]:
+                h, res = layer(pos, h, res)
+        finally:
+            for n in self.pruned_names:
+                ctx.attn_metadata[n] = saved[0][n]
+                ctx.slot_mapping[n] = saved[1][n]
+        return h, res
+
+    # ---- where the layers >= k hold a request's slots -----------------------------------------
+
+    def _find_groups(self, attn_metadata: dict[str, Any]) -> list[list[int]]:
+        """The layers >= k by KV-cache group (layers of one group share one metadata object);
+        `own_groups` tells whether they have groups of their own (not the full layers')."""
+        by_meta: dict[int, list[int]] = {}
+        for j, name in enumerate(self.pruned_names):
+            by_meta.setdefault(id(attn_metadata[name]), []).append(j)
+        self.own_groups = id(attn_metadata[self.full_name]) not in by_meta
+        return list(by_meta.values())
+
+    def _start_region(self, req: RequestStep, removed: int) -> None:
+        """At a request's prefill, whose layers >= k skip `removed` of its prompt tokens."""
+        if not self.own_groups:
+            return
+        if req.planned is not None and req.planned != removed:
+            raise RuntimeError(
+                f"dyrate_ext.vllm: request {req.req_id}'s prefill removed {removed} tokens, the "
+                f"scheduler planned {req.planned} (their blocks were not allocated)"
+            )
+        self.heads[req.req_id] = removed // self.block_size
+        if removed >= self.block_size:
+            self.reports[req.req_id] = removed
+
+    def _mover(self, req: RequestStep, caches: list[PagedKV], rows: list[Tensor]):
+        """The ExternalSlotGroup mover of one request at a decode-time compaction, with rows[g]
+        int [max_blocks] its block-table row in pruned group g: compact each group's keys, then
+        values, from block `head` on (two calls, not one: a CPU_ATTN layer's keys and values
+        interleave in one buffer with different strides, which the op's overlap check cannot
+        tell apart from overlapping views); then, when the removals emptied whole blocks, move
+        the kept blocks up to the new head (whole pages, any layout) and report."""
+        groups = self.groups
+        assert groups is not None
+        bs = self.block_size
+
+        def move(keep_index: Tensor, new_length: Tensor) -> None:
+            head = self.heads[req.req_id]
+            n = int(new_length[0])
+            removed = req.num_computed - n
+            new_head = removed // bs if self.own_groups else head
+            used = -(-n // bs)
+            for g, layers in enumerate(groups):
+                row = rows[g][head:][None]
+                group = [caches[j] for j in layers]
+                for part in ("key", "value"):
+                    tensors = [getattr(c, part) for c in group]
+                    layouts = [getattr(c, f"{part}_layout") for c in group]
+                    ops.compact_paged_(tensors, layouts, row, keep_index, new_length)
+                if new_head > head:
+                    src = rows[g][head : head + used].long()
+                    dst = rows[g][new_head : new_head + used].long()
+                    for j in layers:
+                        kv = self.pruned_attn[j].kv_cache
+                        kv[dst] = kv[src]  # the right side is gathered first: overlap is safe
+            if new_head > head:
+                self.heads[req.req_id] = new_head
+                self.reports[req.req_id] = removed
+
+        return move
+
+    def take_reports(self) -> dict[str, int]:
+        """The requests whose layers >= k emptied blocks this step -> their removed tokens."""
+        out, self.reports = self.reports, {}
+        return out
+
     def _pruned_metadata(
-        self, meta: Any, q_rows: list[int], lengths: list[int], block_table: Tensor
+        self, g: int, q_rows: list[int], lengths: list[int], table: Tensor, heads: list[int]
     ) -> tuple[Any, Tensor]:
-        """Attention metadata and slot mapping [T'] of the layers >= k: q_rows new rows per
-        request written after the slots they hold, `lengths` slots per request after them."""
+        """Attention metadata and slot mapping [T'] of pruned group g (block table int
+        [num_reqs, max_blocks]): q_rows new rows per request written after the slots they hold,
+        `lengths` slots per request after them, from block heads[i] on."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
-        dev = block_table.device
-        block_size = self.pruned_attn[0].kv_cache.shape[2]  # both layouts: [nb, H, bs, 2D]
+        dev = table.device
+        bs = self.block_size
+        used = [-(-n // bs) for n in lengths]
+        shifted = torch.zeros(len(lengths), max(used), dtype=table.dtype, device=dev)
         qsl = torch.zeros(len(q_rows) + 1, dtype=torch.int32)
         qsl[1:] = torch.tensor(q_rows).cumsum(0)
         seq = torch.tensor(lengths, dtype=torch.int32)
         slot_list = []
         for i, (n, length) in enumerate(zip(q_rows, lengths)):
+            shifted[i, : used[i]] = table[i, heads[i] : heads[i] + used[i]]
             s = torch.arange(length - n, length, device=dev)
-            slot_list.append(block_table[i, s // block_size].long() * block_size + s % block_size)
+            slot_list.append(shifted[i, s // bs].long() * bs + s % bs)
         slots = torch.cat(slot_list)
         common = CommonAttentionMetadata(
             query_start_loc=qsl.to(dev),
@@ -210,36 +328,23 @@ class PrunedDecoder:
             num_actual_tokens=int(qsl[-1]),
             max_query_len=max(q_rows),
             max_seq_len=max(lengths),
-            block_table_tensor=block_table,
+            block_table_tensor=shifted,
             slot_mapping=slots,
         )
-        if self._builder is None:
-            self._builder = self._make_builder()
-        return self._builder.build(common_prefix_len=0, common_attn_metadata=common), slots
+        while len(self._builders) <= g:
+            self._builders.append(self._make_builder(len(self._builders)))
+        return self._builders[g].build(common_prefix_len=0, common_attn_metadata=common), slots
 
-    def _make_builder(self) -> Any:
-        attn = self.pruned_attn[0]
+    def _make_builder(self, g: int) -> Any:
+        """The backend's metadata builder for pruned group g (one each: a builder may reuse
+        its buffers between calls)."""
+        assert self.groups is not None
+        attn = self.pruned_attn[self.groups[g][0]]
         config = self.vllm_config
         spec = attn.get_kv_cache_spec(config)
         cls = attn.attn_backend.get_builder_cls()
-        return cls(spec, self.pruned_names, config, attn.kv_cache.device)
-
-
-def _mover(caches: list[PagedKV], block_row: Tensor):
-    """The ExternalSlotGroup mover of one request: compact every layer >= k's keys, then
-    values, inside its blocks (block_row int [1, max_blocks]). Two calls, not one: a CPU_ATTN
-    layer's keys and values interleave in one buffer with different strides, which the op's
-    overlap check cannot tell apart from overlapping views."""
-    keys = [c.key for c in caches]
-    values = [c.value for c in caches]
-    key_layouts = [c.key_layout for c in caches]
-    value_layouts = [c.value_layout for c in caches]
-
-    def move(keep_index: Tensor, new_length: Tensor) -> None:
-        ops.compact_paged_(keys, key_layouts, block_row, keep_index, new_length)
-        ops.compact_paged_(values, value_layouts, block_row, keep_index, new_length)
-
-    return move
+        names = [self.pruned_names[j] for j in self.groups[g]]
+        return cls(spec, names, config, attn.kv_cache.device)
 
 
 def _reduce_over_heads(mass: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,10 +18,11 @@ from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGenera
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
-from .connector import step_metadata
+from .connector import step_metadata, worker_connector
 from .decoder import PrunedDecoder
+from .kv import pruned_spec
 from .paged import VIEWS, probe_layout
-from .spec import SPEC_KEY, policy_from_spec
+from .spec import FREE_KEY, SPEC_KEY, image_token_id, policy_from_spec
 
 __all__ = ["DyRateLlava", "DyRateQwen2VL", "DyRateQwen25VL", "check_config"]
 
@@ -48,6 +49,14 @@ def check_config(vllm_config: Any) -> None:
             "kv_transfer_config must select DyRateConnector (it tells the model which request "
             "each row is)"
         )
+    if (vllm_config.additional_config or {}).get(FREE_KEY):
+        if sched.disable_hybrid_kv_cache_manager:
+            problems.append(
+                "disable_hybrid_kv_cache_manager=True (free_kv_blocks needs the layers >= k in "
+                "KV-cache groups of their own)"
+            )
+        if vllm_config.use_v2_model_runner:
+            problems.append("the V2 model runner (VLLM_USE_V2_MODEL_RUNNER; not tested with it)")
     if problems:
         raise ValueError(
             "dyrate_ext.vllm cannot prune with: "
@@ -60,13 +69,11 @@ class _Pruning:
     """The shared part, mixed in before vLLM's model class: the policy, the checks, the
     PrunedDecoder around `language_model` and the forward that runs it."""
 
-    IMAGE_TOKEN_ATTR = "image_token_id"
-    """The hf_config attribute that holds the image placeholder id."""
-
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
-        image_token_id = getattr(vllm_config.model_config.hf_config, self.IMAGE_TOKEN_ATTR)
-        self._init_pruning(vllm_config, image_token_id)
+        image = image_token_id(vllm_config.model_config.hf_config)
+        assert image is not None, "the model config names no image token"
+        self._init_pruning(vllm_config, image)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
         return self._pruned_forward(input_ids, positions, intermediate_tensors, inputs_embeds)
@@ -84,8 +91,13 @@ class _Pruning:
         self.dyrate_policy.validate(len(lm.layers), text.num_attention_heads)
         check_config(vllm_config)
         self.dyrate_decoder: PrunedDecoder | None = None
+        free = bool(vllm_config.additional_config.get(FREE_KEY))
+        self._free = free and self.dyrate_policy.k is not None
         if self.dyrate_policy.k is not None:
             self.dyrate_decoder = PrunedDecoder(lm, self.dyrate_policy, image_token_id, vllm_config)
+            if self._free:  # KV-cache groups of their own, whose blocks go back (kv.py)
+                for layer in lm.layers[self.dyrate_policy.k :]:
+                    _own_spec(layer.self_attn.attn)
         self._checked_backend = False
 
     def _check_backend(self) -> None:
@@ -103,6 +115,12 @@ class _Pruning:
             attn.impl.do_kv_cache_update(attn, key, value, kv_cache, slots)
 
         probe_layout(write, attn.kv_cache, name)
+        block_size = self.dyrate_decoder.block_size  # type: ignore[union-attr]
+        if self._free and attn.kv_cache.shape[2] != block_size:
+            raise RuntimeError(
+                f"dyrate_ext.vllm: the attention kernel's block size {attn.kv_cache.shape[2]} "
+                f"differs from the KV manager's {block_size}; free_kv_blocks counts in both"
+            )
         self._checked_backend = True
 
     def _pruned_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds):
@@ -116,13 +134,29 @@ class _Pruning:
         if not self._checked_backend:
             self._check_backend()
         hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
-        return self.dyrate_decoder.forward(hidden, positions, meta.steps)
+        out = self.dyrate_decoder.forward(hidden, positions, meta.steps)
+        reports = self.dyrate_decoder.take_reports()
+        if reports:
+            connector = worker_connector()
+            assert connector is not None
+            for req_id, removed in reports.items():
+                connector.note_removed(req_id, removed)
+        return out
+
+
+def _own_spec(attn: Any) -> None:
+    """Give a layer >= k's Attention the PrunedAttentionSpec (its own KV-cache group)."""
+    full = attn.get_kv_cache_spec
+
+    def get_kv_cache_spec(vllm_config: Any) -> Any:
+        spec = full(vllm_config)
+        return None if spec is None else pruned_spec(spec)
+
+    attn.get_kv_cache_spec = get_kv_cache_spec
 
 
 class DyRateLlava(_Pruning, LlavaForConditionalGeneration):
     """vLLM's LLaVA with the decoder pruned by the engine's policy."""
-
-    IMAGE_TOKEN_ATTR = "image_token_index"
 
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_regex={

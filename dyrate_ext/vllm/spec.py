@@ -19,10 +19,25 @@ from typing import Any
 from ..policies import DEFAULT_RANKING, VTW, AttentionMass, DyRate, FastV, NoPrune, Policy
 from ..predictor import RatePredictor
 
-__all__ = ["SPEC_KEY", "policy_from_spec", "policy_spec"]
+__all__ = ["FREE_KEY", "SPEC_KEY", "image_token_id", "policy_from_spec", "policy_spec"]
 
 SPEC_KEY = "dyrate"
 """The key of the policy spec in vLLM's `additional_config`."""
+
+FREE_KEY = "dyrate_free_kv_blocks"
+"""The key of `engine_args(free_kv_blocks=...)` in `additional_config` (a bool)."""
+
+IMAGE_TOKEN_ATTRS = ("image_token_index", "image_token_id")
+"""Where a supported model's config keeps its image placeholder id (LLaVA, Qwen2-VL)."""
+
+
+def image_token_id(hf_config: Any) -> int | None:
+    """The image placeholder id of a model config (None for a config without one)."""
+    for attr in IMAGE_TOKEN_ATTRS:
+        value = getattr(hf_config, attr, None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def policy_spec(policy: Policy, predictor_path: str | os.PathLike[str] | None = None) -> dict:
