@@ -71,6 +71,22 @@ def request_token_types(ids: Tensor, image_token_id: int | None) -> Tensor:
     return torch.full(ids.shape, TokenType.SYSTEM, dtype=torch.int8, device=ids.device)
 
 
+@dataclasses.dataclass
+class _Layout:
+    """One step's pruned layout (`PrunedDecoder._step_layout`): query starts int32 [R + 1],
+    live slots int32 [R], block columns from each head int64 [R, W] and which are used bool
+    [R, W], each new row's request and slot int64 [T']."""
+
+    qsl: Tensor
+    seq: Tensor
+    cols: Tensor
+    valid: Tensor
+    row_req: Tensor
+    row_pos: Tensor
+    max_query: int
+    max_seq: int
+
+
 class PrunedDecoder:
     """Runs a vLLM decoder (`model.layers`, `model.norm`) under `policy`.
 
@@ -192,9 +208,8 @@ class PrunedDecoder:
         keep = torch.cat(rows)
         lengths = [s.pruned.length for s in states]  # type: ignore[union-attr]
         heads = [self.heads[r.req_id] for r in reqs]
-        metas = [
-            self._pruned_metadata(g, q_rows, lengths, tables[g], heads) for g in range(len(names))
-        ]
+        lay = self._step_layout(q_rows, lengths, heads)
+        metas = [self._pruned_metadata(g, lay, tables[g]) for g in range(len(names))]
         assert residual is not None
         h, res = self._pruned_layers(
             ctx, names, metas, hidden[keep], residual[keep], positions[..., keep]
@@ -299,35 +314,49 @@ class PrunedDecoder:
         out, self.reports = self.reports, {}
         return out
 
-    def _pruned_metadata(
-        self, g: int, q_rows: list[int], lengths: list[int], table: Tensor, heads: list[int]
-    ) -> tuple[Any, Tensor]:
-        """Attention metadata and slot mapping [T'] of pruned group g (block table int
-        [num_reqs, max_blocks]): q_rows new rows per request written after the slots they hold,
-        `lengths` slots per request after them, from block heads[i] on."""
+    def _step_layout(self, q_rows: list[int], lengths: list[int], heads: list[int]) -> _Layout:
+        """What every pruned group's metadata shares this step: q_rows new rows per request
+        written after the slots they hold, `lengths` slots per request after them, from block
+        heads[i] on (host tensors; vectorised over requests)."""
+        bs = self.block_size
+        q, n, h = torch.tensor(q_rows), torch.tensor(lengths), torch.tensor(heads)
+        used = (n + bs - 1) // bs
+        cols = torch.arange(int(used.max()))
+        qsl = torch.zeros(len(q_rows) + 1, dtype=torch.int32)
+        qsl[1:] = q.cumsum(0)
+        row_req = torch.repeat_interleave(torch.arange(len(q_rows)), q)
+        first = qsl[:-1].long()[row_req]
+        row_pos = (n - q)[row_req] + torch.arange(row_req.numel()) - first
+        return _Layout(
+            qsl,
+            n.to(torch.int32),
+            h[:, None] + cols,
+            cols < used[:, None],
+            row_req,
+            row_pos,
+            max(q_rows),
+            max(lengths),
+        )
+
+    def _pruned_metadata(self, g: int, lay: _Layout, table: Tensor) -> tuple[Any, Tensor]:
+        """Attention metadata and slot mapping [T'] of pruned group g, whose block table is
+        `table` int [num_reqs, max_blocks]: each request's row from its head block on."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         dev = table.device
         bs = self.block_size
-        used = [-(-n // bs) for n in lengths]
-        shifted = torch.zeros(len(lengths), max(used), dtype=table.dtype, device=dev)
-        qsl = torch.zeros(len(q_rows) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(q_rows).cumsum(0)
-        seq = torch.tensor(lengths, dtype=torch.int32)
-        slot_list = []
-        for i, (n, length) in enumerate(zip(q_rows, lengths)):
-            shifted[i, : used[i]] = table[i, heads[i] : heads[i] + used[i]]
-            s = torch.arange(length - n, length, device=dev)
-            slot_list.append(shifted[i, s // bs].long() * bs + s % bs)
-        slots = torch.cat(slot_list)
+        index = lay.cols.clamp(max=table.shape[1] - 1).to(dev)
+        shifted = torch.where(lay.valid.to(dev), table.gather(1, index), 0)
+        pos = lay.row_pos.to(dev)
+        slots = shifted[lay.row_req.to(dev), pos // bs].long() * bs + pos % bs
         common = CommonAttentionMetadata(
-            query_start_loc=qsl.to(dev),
-            query_start_loc_cpu=qsl,
-            seq_lens=seq.to(dev),
-            num_reqs=len(q_rows),
-            num_actual_tokens=int(qsl[-1]),
-            max_query_len=max(q_rows),
-            max_seq_len=max(lengths),
+            query_start_loc=lay.qsl.to(dev),
+            query_start_loc_cpu=lay.qsl,
+            seq_lens=lay.seq.to(dev),
+            num_reqs=lay.qsl.numel() - 1,
+            num_actual_tokens=int(lay.qsl[-1]),
+            max_query_len=lay.max_query,
+            max_seq_len=lay.max_seq,
             block_table_tensor=shifted,
             slot_mapping=slots,
         )

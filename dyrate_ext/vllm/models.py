@@ -56,7 +56,10 @@ def check_config(vllm_config: Any) -> None:
                 "KV-cache groups of their own)"
             )
         if vllm_config.use_v2_model_runner:
-            problems.append("the V2 model runner (VLLM_USE_V2_MODEL_RUNNER; not tested with it)")
+            problems.append(
+                "the V2 model runner with free_kv_blocks (untested: set "
+                "VLLM_USE_V2_MODEL_RUNNER=0, or engine_args(..., free_kv_blocks=False))"
+            )
     if problems:
         raise ValueError(
             "dyrate_ext.vllm cannot prune with: "
