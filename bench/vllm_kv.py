@@ -103,6 +103,8 @@ def held_vs_live(config: KVBenchConfig, llm: Any, prompt: dict, num_layers: int,
     """Step one request to the end: per step (held bytes, live bytes)."""
     from vllm import SamplingParams
 
+    from dyrate_ext.vllm.kv import held_blocks
+
     lay = layout(llm)
     engine = llm.llm_engine
     managers = _core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers
@@ -116,8 +118,7 @@ def held_vs_live(config: KVBenchConfig, llm: Any, prompt: dict, num_layers: int,
         req_id = next(iter(managers[0].req_to_blocks), None)
         if req_id is None:
             break
-        null = managers[0].block_pool.null_block
-        held = sum(b is not null for m in managers for b in m.req_to_blocks[req_id])
+        held = sum(held_blocks(m, req_id) for m in managers)
         computed = _core(llm).scheduler.requests[req_id].num_computed_tokens
         state = None if decoder is None else decoder.states.get(req_id)
         if state is None or state.pruned is None or k is None:  # every layer, every token

@@ -11,6 +11,9 @@ The reference (`masked_reference`) is HF's own forward of the whole generated se
 every slot kept, with a per-layer 4D mask: in layers >= k a query row of step t cannot see
 the image slots removed at steps <= t (it always sees itself). Its logits must equal those of
 the physically pruned loop.
+
+`save_tiny_checkpoint` writes a 3-layer trainable tiny LLaVA (`dyrate_ext.train.model`) for
+the training commands' smoke runs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -209,3 +213,23 @@ def masked_reference(
         token_type=types,
         step_of_row=step_of_row,
     )
+
+
+def save_tiny_checkpoint(path: Path) -> Path:
+    """Save a 3-layer trainable tiny LLaVA (56-pixel images, width 48, 4 heads, 2 KV heads,
+    float32) with its processor to `path`; returns `path`."""
+    from dyrate_ext.train.model import (
+        TinyConfig,
+        build_tiny_processor,
+        build_tiny_tokenizer,
+        save_tiny_llava,
+    )
+    from dyrate_ext.train.model import tiny_llava as tiny_trainable
+
+    cfg = TinyConfig(
+        image_size=56, vision_hidden_size=32, vision_layers=1, num_layers=3, hidden_size=48,
+        intermediate_size=96, num_heads=4, num_kv_heads=2,
+    )  # fmt: skip
+    tok = build_tiny_tokenizer()
+    save_tiny_llava(tiny_trainable(cfg, tok), build_tiny_processor(tok, cfg), path, half=False)
+    return path

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from llava_utils import prompts as tiny_prompts
-from llava_utils import tiny_llava
+from llava_utils import save_tiny_checkpoint, tiny_llava
 
 from dyrate_ext.flops import DecoderShape, generation_flops
 from dyrate_ext.llava import Decision, DyRate, RatePredictor, generate
@@ -258,22 +258,9 @@ def test_metadata_round_trip(tmp_path):
 
 
 def test_train_predictor_cli_smoke(tmp_path):
-    from dyrate_ext.train.model import (
-        TinyConfig,
-        build_tiny_processor,
-        build_tiny_tokenizer,
-        save_tiny_llava,
-    )
-    from dyrate_ext.train.model import tiny_llava as tiny_trainable
     from dyrate_ext.train.predictor import main
 
-    cfg = TinyConfig(
-        image_size=56, vision_hidden_size=32, vision_layers=1, num_layers=3, hidden_size=48,
-        intermediate_size=96, num_heads=4, num_kv_heads=2,
-    )  # fmt: skip
-    tok = build_tiny_tokenizer()
-    proc = build_tiny_processor(tok, cfg)
-    save_tiny_llava(tiny_trainable(cfg, tok), proc, tmp_path / "m", half=False)
+    save_tiny_checkpoint(tmp_path / "m")
     out = tmp_path / "pred.safetensors"
     common = ["--model", str(tmp_path / "m"), "--limit", "4", "--batch-size", "2", "--quiet"]
     args = [*common, "--val-limit", "2", "--epochs", "1", "--max-caption-tokens", "12"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from llava_utils import prompts as tiny_prompts
-from llava_utils import tiny_llava
+from llava_utils import save_tiny_checkpoint, tiny_llava
 
 from dyrate_ext.costs import generation_costs
 from dyrate_ext.flops import DecoderShape
@@ -333,22 +333,7 @@ def test_currency_changes_the_floor_and_the_training_cost():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from dyrate_ext.train.model import (
-        TinyConfig,
-        build_tiny_processor,
-        build_tiny_tokenizer,
-        save_tiny_llava,
-    )
-    from dyrate_ext.train.model import tiny_llava as tiny_trainable
-
-    cfg = TinyConfig(
-        image_size=56, vision_hidden_size=32, vision_layers=1, num_layers=3, hidden_size=48,
-        intermediate_size=96, num_heads=4, num_kv_heads=2,
-    )  # fmt: skip
-    tok = build_tiny_tokenizer()
-    path = tmp_path_factory.mktemp("ckpt") / "m"
-    save_tiny_llava(tiny_trainable(cfg, tok), build_tiny_processor(tok, cfg), path, half=False)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "m")
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from conftest import BLOCK_SIZE
 from dyrate_ext.policies import DyRate, FastV
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.vllm import engine_args
-from dyrate_ext.vllm.kv import PrunedAttentionSpec, PrunedManager, pruned_spec
+from dyrate_ext.vllm.kv import PrunedAttentionSpec, PrunedManager, held_blocks, pruned_spec
 
 BS = 32
 
@@ -54,14 +54,14 @@ def test_manager_holds_blocks_from_the_head():
     new = m.allocate_new_blocks("r", 100, 100)
     blocks = m.req_to_blocks["r"]
     assert len(new) == 2 and len(blocks) == 4 and blocks[:2] == [pool.null_block] * 2
-    assert pool.get_num_free_blocks() == free0 - 2 and m.held_blocks("r") == 2
+    assert pool.get_num_free_blocks() == free0 - 2 and held_blocks(m, "r") == 2
     with pytest.raises(RuntimeError, match="already holds"):
         m.plan("r", 80)
     assert m.get_num_blocks_to_allocate("r", 129, [], 100, 0, 129) == 1  # logical: 5 blocks
     m.allocate_new_blocks("r", 129, 129)
     m.set_removed("r", 100)  # a compaction emptied block 2
     m.remove_skipped_blocks("r", 128)
-    assert m.held_blocks("r") == 2 and pool.get_num_free_blocks() == free0 - 2
+    assert held_blocks(m, "r") == 2 and pool.get_num_free_blocks() == free0 - 2
     with pytest.raises(RuntimeError, match="only grow"):
         m.set_removed("r", 99)
     m.free("r")
@@ -73,12 +73,6 @@ def test_manager_holds_blocks_from_the_head():
 def _managers(llm):
     core = llm.llm_engine.engine_core.engine_core
     return core.scheduler.kv_cache_manager.coordinator.single_type_managers
-
-
-def _held(manager, req_id: str) -> int:
-    """A request's non-null blocks in one group's manager."""
-    null = manager.block_pool.null_block
-    return sum(b is not null for b in manager.req_to_blocks.get(req_id, ()))
 
 
 def _engine(engines, llava_dir, name, policy, path=None, free=True):
@@ -118,7 +112,7 @@ def _run(llm, requests, params, abort_at=None):
         record = {}
         for req_id in managers[0].req_to_blocks:
             state = decoder.states.get(req_id)
-            held = [_held(m, req_id) for m in managers]
+            held = [held_blocks(m, req_id) for m in managers]
             live = state.pruned.length if state is not None else None
             record[req_id] = (held[0], held[1:], decoder.heads.get(req_id), live)
         records.append(record)
@@ -211,7 +205,7 @@ def test_preemption_frees_every_block(engines, llava_dir):
         for m in managers:
             assert victim not in m.req_to_blocks
             assert victim not in getattr(m, "removed", {})
-        held = sum(_held(m, r) for m in managers for r in m.req_to_blocks)
+        held = sum(held_blocks(m, r) for m in managers for r in m.req_to_blocks)
         assert free_blocks(llm) == free0 - held
     finally:
         sched._preempt_request = original

@@ -25,7 +25,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
 
-__all__ = ["PrunedAttentionSpec", "PrunedManager", "pruned_spec", "register_spec"]
+__all__ = ["PrunedAttentionSpec", "PrunedManager", "held_blocks", "pruned_spec", "register_spec"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,8 +45,8 @@ def pruned_spec(full: KVCacheSpec) -> PrunedAttentionSpec:
             f"dyrate_ext.vllm: a pruned layer's KV-cache spec must be a plain FullAttentionSpec, "
             f"got {full}"
         )
-    names = {f.name for f in dataclasses.fields(AttentionSpec)}
-    return PrunedAttentionSpec(**{n: getattr(full, n) for n in names if hasattr(full, n)})
+    fields = dataclasses.fields(AttentionSpec)
+    return PrunedAttentionSpec(**{f.name: getattr(full, f.name) for f in fields})
 
 
 class PrunedManager(SingleTypeKVCacheManager):
@@ -78,11 +78,6 @@ class PrunedManager(SingleTypeKVCacheManager):
             )
         self.removed[request_id] = removed
 
-    def held_blocks(self, request_id: str) -> int:
-        """The blocks the request holds (its non-null entries)."""
-        null = self._null_block
-        return sum(b is not null for b in self.req_to_blocks.get(request_id, ()))
-
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
         n = super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
         if not self.req_to_blocks.get(request_id):  # the first allocation: the planned head
@@ -110,6 +105,12 @@ class PrunedManager(SingleTypeKVCacheManager):
     ) -> tuple[tuple[list, ...], int]:
         # prefix caching is refused with pruning (models.check_config): never a hit
         return tuple([] for _ in kv_cache_group_ids), 0
+
+
+def held_blocks(manager: SingleTypeKVCacheManager, request_id: str) -> int:
+    """The blocks a request holds in one KV-cache group's manager (its non-null entries)."""
+    null = manager.block_pool.null_block
+    return sum(b is not null for b in manager.req_to_blocks.get(request_id, ()))
 
 
 def register_spec() -> None:
