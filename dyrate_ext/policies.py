@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .picture_features import image_score_features
 from .predictor import RatePredictor
 from .prune import keep_count_from_rate
 from .token_types import NUM_TYPES, TokenType
@@ -234,6 +235,9 @@ class DyRate(Policy):
     """DyRate: at every step the predictor maps the type mass to a class j, rate j / K; the
     keep count n - floor(j * n / K) (n the prompt's image tokens) never grows.
 
+    A predictor with picture features (`RatePredictor.features`, beyond the paper) also gets
+    `image_score_features` of the scoring layer's row (`StepStats.token_score`/`token_type`).
+
     Args:
         predictor: a RatePredictor with num_heads equal to the model's attention heads.
         k: first pruned layer; layer k - 1 is the scoring layer.
@@ -265,14 +269,20 @@ class DyRate(Policy):
         super().validate(num_layers, num_heads)
         p = self.predictor
         if p.num_heads != num_heads or p.num_types != NUM_TYPES:
+            feats = len(p.features)
+            plus = f" + {feats} picture features" if feats else ""
             raise ValueError(
                 f"DyRate: the predictor takes {p.in_features} inputs ({p.num_heads} heads x "
-                f"{p.num_types} types) but the model's scoring layer gives {num_heads} heads x "
-                f"{NUM_TYPES} = {num_heads * NUM_TYPES}"
+                f"{p.num_types} types{plus}) but the model's scoring layer gives {num_heads} "
+                f"heads x {NUM_TYPES} = {num_heads * NUM_TYPES}{plus}"
             )
 
     def decide(self, stats: StepStats) -> Decision | None:
-        cls = self.predictor.predict(stats.type_mass).to(stats.num_image.device)
+        p = self.predictor
+        extra = None
+        if p.features:
+            extra = image_score_features(stats.token_score, stats.token_type, p.features)
+        cls = p.predict(stats.type_mass, extra).to(stats.num_image.device)
         removed = torch.div(cls * stats.num_image, self.num_rates, rounding_mode="floor")
         rate = cls.to(torch.float32) / self.num_rates
         return Decision(stats.num_image - removed, rate)

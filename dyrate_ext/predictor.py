@@ -8,10 +8,17 @@ into the mass on the four token types (system, image, instruction, response): a 
 token). Inference takes the argmax. Training (straight-through Gumbel-Softmax, paper §III-C)
 lives elsewhere; an untrained or hand-initialised predictor runs as is.
 
-Weights are saved with safetensors, the shape in the file's metadata, so `RatePredictor.load`
-needs nothing but the path; `save(path, metadata=...)` adds entries such as what a trained
-predictor was trained for, read back with `RatePredictor.metadata(path)`. safetensors is
-imported only by `save` and `load`.
+Beyond the paper, `features` (names from `dyrate_ext.picture_features.PICTURE_FEATURES`, none
+by default) adds F picture-dependent inputs computed from the scoring layer's image-token
+scores: the linear layer then takes `[B, H * T + F]`, the type mass first, and `forward` /
+`predict` take them as `extra` `[B, F]` (`DyRate` computes them with
+`image_score_features`). A predictor without features is the paper's and unchanged.
+
+Weights are saved with safetensors, the shape in the file's metadata (and the features, as
+the reserved key "features", comma-joined, written only when there are some: a file without
+it loads with none), so `RatePredictor.load` needs nothing but the path;
+`save(path, metadata=...)` adds entries such as what a trained predictor was trained for, read
+back with `RatePredictor.metadata(path)`. safetensors is imported only by `save` and `load`.
 """
 
 from __future__ import annotations
@@ -21,21 +28,32 @@ import os
 import torch
 from torch import Tensor, nn
 
+from .picture_features import check_features
 from .token_types import NUM_TYPES
 
 _FORMAT = "dyrate.RatePredictor/1"
+_RESERVED = ("format", "num_heads", "num_rates", "num_types", "features")
 
 
 class RatePredictor(nn.Module):
-    """Linear classifier `[B, H * T]` type mass -> `[B, K]` logits over the rates `j / K`.
+    """Linear classifier `[B, H * T]` type mass (+ `[B, F]` picture features) -> `[B, K]`
+    logits over the rates `j / K`.
 
     Args:
         num_heads: query heads H of the scoring layer (the model's `num_attention_heads`).
         num_rates: K, the number of discrete rates; class j means rate j / K.
         num_types: T, token types per head (4: system, image, instruction, response).
+        features: picture features (`dyrate_ext.picture_features.PICTURE_FEATURES`) taken as
+            F extra inputs after the flattened type mass; () (the paper's predictor) by default.
     """
 
-    def __init__(self, num_heads: int, num_rates: int, num_types: int = NUM_TYPES) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_rates: int,
+        num_types: int = NUM_TYPES,
+        features: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -46,7 +64,10 @@ class RatePredictor(nn.Module):
         self.num_heads = int(num_heads)
         self.num_rates = int(num_rates)
         self.num_types = int(num_types)
-        self.linear = nn.Linear(self.num_heads * self.num_types, self.num_rates)
+        self.features = check_features(features)
+        self.linear = nn.Linear(
+            self.num_heads * self.num_types + len(self.features), self.num_rates
+        )
 
     @classmethod
     def from_image_mass(
@@ -76,34 +97,57 @@ class RatePredictor(nn.Module):
 
     @property
     def in_features(self) -> int:
-        """H * T, the size of the flattened type-mass vector."""
+        """H * T + F: the flattened type mass and the picture features."""
         return self.linear.in_features
 
     def rates(self) -> Tensor:
         """float32 [K]: the rate of each class, `j / K` for j = 0 .. K-1."""
         return torch.arange(self.num_rates, dtype=torch.float32) / self.num_rates
 
-    def forward(self, type_mass: Tensor) -> Tensor:
-        """Logits float [B, K] from type mass `[B, H, T]` or already flattened `[B, H * T]`."""
+    def forward(self, type_mass: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Logits float [B, K] from type mass `[B, H, T]` or already flattened `[B, H * T]`
+        and, for a predictor with F features, their values `extra` float [B, F] (in the order
+        of `features`; `image_score_features(token_score, token_type, features)`)."""
         x = type_mass.reshape(type_mass.shape[0], -1) if type_mass.dim() == 3 else type_mass
-        if x.dim() != 2 or x.shape[1] != self.in_features:
+        mass_size = self.num_heads * self.num_types
+        if x.dim() != 2 or x.shape[1] != mass_size:
             raise ValueError(
                 f"RatePredictor expects type mass [B, {self.num_heads}, {self.num_types}] "
-                f"(or [B, {self.in_features}]), got {tuple(type_mass.shape)}"
+                f"(or [B, {mass_size}]), got {tuple(type_mass.shape)}"
             )
         w = self.linear.weight
-        return self.linear(x.to(device=w.device, dtype=w.dtype))
+        x = x.to(device=w.device, dtype=w.dtype)
+        if self.features:
+            x = torch.cat([x, self._check_extra(extra, x.shape[0]).to(x)], dim=1)
+        elif extra is not None and extra.numel() > 0:
+            raise ValueError(
+                f"RatePredictor has no picture features but got extra {tuple(extra.shape)}"
+            )
+        return self.linear(x)
+
+    def _check_extra(self, extra: Tensor | None, batch: int) -> Tensor:
+        """`extra` if it is [batch, F], else ValueError."""
+        want = (batch, len(self.features))
+        if extra is None or tuple(extra.shape) != want:
+            got = None if extra is None else tuple(extra.shape)
+            raise ValueError(
+                f"RatePredictor with features {self.features} needs extra [B, F] = {want} "
+                "(dyrate_ext.picture_features.image_score_features(token_score, token_type, "
+                f"features)), got {got}"
+            )
+        return extra
 
     @torch.no_grad()
-    def predict(self, type_mass: Tensor) -> Tensor:
-        """int64 [B]: the argmax class per sample (rate = class / K)."""
-        return self.forward(type_mass).argmax(dim=-1)
+    def predict(self, type_mass: Tensor, extra: Tensor | None = None) -> Tensor:
+        """int64 [B]: the argmax class per sample (rate = class / K); `extra` as `forward`."""
+        return self.forward(type_mass, extra).argmax(dim=-1)
 
     def save(self, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
         """Write the weights and the shape (as metadata) to a safetensors file.
 
         `metadata` adds string entries (e.g. what the predictor was trained for: k, budget,
-        model); `metadata(path)` reads them back. The shape keys cannot be overridden.
+        model); `metadata(path)` reads them back. The shape keys and "features" cannot be
+        overridden; "features" is written only for a predictor with features.
         """
         from safetensors.torch import save_file
 
@@ -114,10 +158,14 @@ class RatePredictor(nn.Module):
             "num_rates": str(self.num_rates),
             "num_types": str(self.num_types),
         }
+        if self.features:
+            meta["features"] = ",".join(self.features)
         extra = dict(metadata or {})
-        clash = sorted(set(extra) & set(meta))
+        clash = sorted(set(extra) & set(_RESERVED))
         if clash:
-            raise ValueError(f"metadata keys {clash} are reserved for the predictor's shape")
+            raise ValueError(
+                f"metadata keys {clash} are reserved for the predictor's shape and features"
+            )
         bad = sorted(
             k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)
         )
@@ -148,9 +196,16 @@ class RatePredictor(nn.Module):
                     f"{meta.get('format')!r}, expected {_FORMAT!r})"
                 )
             state = {k: f.get_tensor(k) for k in f.keys()}
-        model = cls(int(meta["num_heads"]), int(meta["num_rates"]), int(meta["num_types"]))
+        features = tuple(meta["features"].split(",")) if meta.get("features") else ()
+        model = cls(
+            int(meta["num_heads"]), int(meta["num_rates"]), int(meta["num_types"]), features
+        )
         model.load_state_dict(state)
         return model.to(device)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, num_rates={self.num_rates}, num_types={self.num_types}"
+        feats = f", features={self.features}" if self.features else ""
+        return (
+            f"num_heads={self.num_heads}, num_rates={self.num_rates}, "
+            f"num_types={self.num_types}{feats}"
+        )

@@ -14,6 +14,9 @@ the physically pruned loop.
 
 `save_tiny_checkpoint` writes a 3-layer trainable tiny LLaVA (`dyrate_ext.train.model`) for
 the training commands' smoke runs.
+
+`picture_predictor` is a hand-set RatePredictor on the picture features alone, whose decisions
+on these models differ between samples already at the prefill.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
 from dyrate_ext.embedded import EmbeddedConfig, embedded_llava
+from dyrate_ext.picture_features import PICTURE_FEATURES
+from dyrate_ext.predictor import RatePredictor
 
 IMAGE_TOKEN = 199
 VOCAB = 200
@@ -233,3 +238,24 @@ def save_tiny_checkpoint(path: Path) -> Path:
     tok = build_tiny_tokenizer()
     save_tiny_llava(tiny_trainable(cfg, tok), build_tiny_processor(tok, cfg), path, half=False)
     return path
+
+
+def picture_predictor(
+    num_heads: int = NUM_HEADS, num_rates: int = 4, low: float = 0.33, high: float = 0.40
+) -> RatePredictor:
+    """A RatePredictor with both picture features whose class is the integer nearest
+    t = (K-1) (m - low) / (high - low), clipped to [0, K-1], m the image_top_mass (weights 0
+    on the type mass and the entropy; logit_j = 2 j t - j^2, as `from_image_mass`).
+
+    On `tiny_llava` the top-quarter mass m lies in about [0.335, 0.395], so with the defaults
+    the classes differ between samples at the prefill and between steps; a predictor that
+    ignored its features would decide one constant class."""
+    pred = RatePredictor(num_heads, num_rates, features=PICTURE_FEATURES)
+    j = torch.arange(num_rates, dtype=torch.float64)
+    b = (num_rates - 1) / (high - low)
+    weight = torch.zeros(num_rates, pred.in_features, dtype=torch.float64)
+    weight[:, num_heads * 4 + PICTURE_FEATURES.index("image_top_mass")] = 2 * j * b
+    with torch.no_grad():
+        pred.linear.weight.copy_(weight)
+        pred.linear.bias.copy_(2 * j * (-b * low) - j * j)
+    return pred

@@ -52,6 +52,23 @@ def test_object_colour_is_where_the_scene_says():
     assert tuple(img[15, 15]) == (245, 245, 245)  # background at the top left
 
 
+def test_object_scale_shrinks_objects_not_places():
+    """render(object_scale=0.5) draws each object at half the radius (about a quarter of the
+    pixels) at the same place; the large model's pictures are mostly background."""
+    obj = SceneObject("circle", "red", "large", cell=4)
+    scene = Scene(0, (obj,), "white", "none", 0)
+    full, half = (np.asarray(render(scene, 224, s)).astype(int) for s in (1.0, 0.5))
+    red = [int((np.abs(im - (220, 40, 40)).sum(axis=2) < 30).sum()) for im in (full, half)]
+    assert 0.2 < red[1] / red[0] < 0.3, red
+    assert tuple(half[112, 112]) == pytest.approx((220, 40, 40), abs=3)  # still at the centre
+    sample = load_split("test", n=1, image_size=64, object_scale=0.5)[0]
+    assert np.array_equal(
+        np.asarray(sample.load_image()), np.asarray(render(sample.scene, 64, 0.5))
+    )
+    with pytest.raises(ValueError, match="object_scale"):
+        render(scene, 64, 0.0)
+
+
 def test_splits_disjoint_and_fixed():
     ids = {split: {scene_id(split, i) for i in range(300)} for split in ("train", "val", "test")}
     assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]

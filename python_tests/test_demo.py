@@ -176,7 +176,12 @@ def test_caption_demo_on_the_committed_model(tmp_path, capsys):
     assert rows[0]["name"] == "NoPrune" and rows[0]["flops_percent"] == pytest.approx(100.0)
     assert all(r["flops_percent"] < 100.0 for r in rows[1:]) and len(rows[0]["captions"]) == 2
     assert "reference:" in out and "CIDEr" in out and "FLOPs %" in out
-    for name in ("NoPrune", "FastV(k=2 r=0.5)", "DyRate(k=2 budget=0.80)", "DyRate(hand-set k=2)"):
+    for name in (
+        "NoPrune",
+        "FastV(k=2 r=0.5)",
+        "DyRate(k=2 budget=0.80 K=4)",
+        "DyRate(hand-set k=2)",
+    ):
         assert f"\n{name} " in out, name
     hf_js = tmp_path / "captions_hf.json"
     assert demo.main([*argv, "--predictor", str(path), "--json", str(hf_js), "--engine", "hf"]) == 0
@@ -186,3 +191,13 @@ def test_caption_demo_on_the_committed_model(tmp_path, capsys):
         assert a["name"] == b["name"] and a["captions"] == b["captions"]
         assert a["kept_image_tokens"] == pytest.approx(b["kept_image_tokens"])
         assert a["flops_percent"] == pytest.approx(b["flops_percent"])
+
+
+def test_model_size_names_select_the_caption_demo(tmp_path):
+    """--model small / large is the caption demo on that tiny LLaVA; a path is the one-prompt
+    demo on a llava-hf folder."""
+    from dyrate_ext.demo.cli import one_prompt, parse_args
+
+    assert not one_prompt(parse_args(["--model", "large"]))
+    assert not one_prompt(parse_args(["--model", "small"]))
+    assert one_prompt(parse_args(["--model", str(tmp_path)]))

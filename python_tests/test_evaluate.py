@@ -18,8 +18,13 @@ from dyrate_ext.data.scenes import Scene, SceneObject
 from dyrate_ext.evaluate import bleu4, cider, coco_tokenize, facts
 from dyrate_ext.evaluate.__main__ import main as evaluate_main
 from dyrate_ext.evaluate.report import pareto_paths, rows_by_set
-from dyrate_ext.evaluate.runner import CURRENCY_FIELDS
-from dyrate_ext.evaluate.specs import find_predictors, predictor_specs
+from dyrate_ext.evaluate.runner import CURRENCY_FIELDS, embedded_set
+from dyrate_ext.evaluate.specs import (
+    BEST_PREDICTOR,
+    best_predictor,
+    find_predictors,
+    predictor_specs,
+)
 from dyrate_ext.predictor import RatePredictor
 from dyrate_ext.train.model import MICRO
 from dyrate_ext.train.vlm import TrainConfig, train_vlm
@@ -97,7 +102,7 @@ def test_evaluate_cli_smoke(tiny_checkpoint, tmp_path):
     assert rows["NoPrune"]["kept_image_tokens"] == pytest.approx(TINY.image_tokens)
     assert rows["VTW(k=1)"]["kept_image_tokens"] == 0
     assert rows["VTW(k=1)"]["flops_percent"] < rows["VTW(k=2)"]["flops_percent"] < 100
-    dy = rows["DyRate(k=2 budget=0.80)"]
+    dy = rows["DyRate(k=2 budget=0.80 K=4)"]
     assert dy["kept_image_tokens"] == pytest.approx(TINY.image_tokens / 2)
     assert rows["FastV(k=2 r=0.5)"]["flops_percent"] == pytest.approx(dy["flops_percent"])
     for r in rows.values():
@@ -111,9 +116,10 @@ def test_evaluate_cli_smoke(tiny_checkpoint, tmp_path):
         assert rows["FastV(k=2 r=0.5)"][field] < 100, field
     assert doc["meta"]["currencies"]["paper_flops_percent"] == "paper-style FLOPs (reconstruction)"
     # The FastV curve's own points compare as exactly 0; VTW(k=1) is cheaper than all of it.
-    for name in ("NoPrune", "FastV(k=2 r=0.5)"):
-        for currency in CURRENCIES:
-            assert rows[name]["vs_fastv"][currency]["delta"] == 0.0, (name, currency)
+    # (FastV is compared at its best k, so its own k=2 row is at or below that curve.)
+    for currency in CURRENCIES:
+        assert rows["NoPrune"]["vs_fastv"][currency]["delta"] == 0.0, currency
+        assert rows["FastV(k=2 r=0.5)"]["vs_fastv"][currency]["delta"] <= 0.0, currency
     assert rows["VTW(k=1)"]["vs_fastv"]["flops"] is None
     md = out.with_suffix(".md").read_text()
     assert "| NoPrune | 100.0 | 100.0 | 100.0 | 100.0 |" in md and "CIDEr" in md
@@ -134,7 +140,23 @@ def test_predictors_beside_the_model_are_found(tiny_checkpoint, tmp_path):
     shutil.copy(tiny_checkpoint / "p.safetensors", folder / "dyrate_b80.safetensors")
     assert find_predictors(folder) == [str(folder / "dyrate_b80.safetensors")]
     (spec,) = predictor_specs(find_predictors(folder), default_k=3)
-    assert spec.name == "DyRate(k=2 budget=0.80)" and spec.policy.k == 2
+    assert spec.name == "DyRate(k=2 budget=0.80 K=4)" and spec.policy.k == 2
+
+
+def test_best_predictor_and_unseen_split(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    assert best_predictor(folder) is None
+    shutil.copy(tiny_checkpoint / "p.safetensors", folder / "dyrate_b80.safetensors")
+    (folder / BEST_PREDICTOR).write_text(json.dumps({"file": "dyrate_b80.safetensors"}))
+    assert best_predictor(folder) == str(folder / "dyrate_b80.safetensors")
+    (folder / BEST_PREDICTOR).write_text(json.dumps({"file": "gone.safetensors"}))
+    with pytest.raises(FileNotFoundError, match=r"gone\.safetensors"):
+        best_predictor(folder)
+    seen = embedded_set("test", 3, "dense", (56, 0.5))
+    unseen = embedded_set("test", 3, "dense", (56, 0.5), base=10_000_000)
+    assert "test+10000000" in unseen.name and not set(seen.image_ids) & set(unseen.image_ids)
+    assert seen.load_image(seen.image_ids[0]).size == (56, 56)
 
 
 def test_cli_on_a_coco_caption_set(tiny_checkpoint, tmp_path):

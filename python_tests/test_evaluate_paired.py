@@ -124,7 +124,30 @@ def test_attach_to_a_table():
     assert format_paired({"delta": 1.25, "se": None}) == "+1.2 ± -"
     note = paired_note(rows, ("flops", "kv_read_bytes"))
     assert "KV-cache FLOPs 80.0-100.0 %" in note and "decode KV bytes read 60.0-100.0 %" in note
-    rest = [r for r in rows if r.family != "FastV k=2"]
+    # Against its own curve FastV k=3 sits on a point (delta 0); the k=2 curve is higher there.
+    assert rows[3].vs_fastv["flops"]["curve"] == "FastV k=2"
+    rest = [r for r in rows if not r.family.startswith("FastV")]
     attach_vs_fastv(rest)
     assert all(v is None for r in rest for v in r.vs_fastv.values())
-    assert "no FastV k=2 rows" in paired_note(rest, ("flops",))
+    assert "no FastV rows" in paired_note(rest, ("flops",))
+
+
+def test_fastv_at_its_best_k():
+    """Each row is compared with the FastV k whose curve is highest at its cost."""
+    rows = [
+        row("NoPrune", "NoPrune", 100.0, {1: 50.0, 2: 70.0}),
+        row("FastV(k=1 r=0.5)", "FastV k=1", 60.0, {1: 40.0, 2: 60.0}),
+        row("FastV(k=2 r=0.5)", "FastV k=2", 70.0, {1: 20.0, 2: 30.0}),
+        row("DyRate", "DyRate", 80.0, {1: 45.0, 2: 65.0}),
+        row("DyRate cheap", "DyRate", 65.0, {1: 45.0, 2: 65.0}),
+    ]
+    attach_vs_fastv(rows)
+    # At 80 %: k=1's curve is half way from (40, 60) to (50, 70): 45, 65 -> delta 0; k=2's is a
+    # third from (20, 30) to (50, 70): 30, 43.3 -> +18.3. The best curve (k=1) is the one used.
+    at80 = rows[3].vs_fastv["flops"]
+    assert at80["curve"] == "FastV k=1" and at80["delta"] == pytest.approx(0.0)
+    # At 65 %: only k=1's curve reaches it (k=2's starts at 70 %): an eighth of the way from
+    # (40, 60) to (50, 70): 41.25, 61.25.
+    at65 = rows[4].vs_fastv["flops"]
+    assert at65["curve"] == "FastV k=1" and at65["delta"] == pytest.approx(3.75)
+    assert rows[2].vs_fastv["flops"]["delta"] < 0  # FastV k=2 is below the k=1 curve

@@ -3,7 +3,7 @@
 - NoPrune inside generate() == vanilla generate() token for token (eager and sdpa, batch 1 and
   left-padded batch 3, stop tokens, sampling with a seed, output_scores, TextStreamer).
 - FastV / VTW / DyRate / AttentionMass inside generate() == `dyrate_ext.llava.generate`: tokens
-  and keep counts equal, logits within 1e-4.
+  and keep counts equal, logits within 1e-4 (DyRate also with a picture-features predictor).
 - Layers >= k compute only the kept prompt rows; cache bytes fall with the keep counts and
   stay within 1.25x of the live slots; prune_kv runs only at steps where a count drops.
 - The model is left as it was after the block; bad input fails before generation.
@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_models import KV_HEADS, NUM_HEADS, tiny_batch, tiny_model
+from llava_utils import picture_predictor
 
 import dyrate_ext.hf as hf
 from dyrate_ext.flops import DecoderShape, trace_flops
@@ -72,6 +73,7 @@ POLICIES = {
     "dyrate": lambda: DyRate(image_mass_predictor(), 2, num_rates=4),
     "attnmass": lambda: AttentionMass(0.8, 2),
     "dyrate_accumulated": lambda: DyRate(image_mass_predictor(), 2, 4, ranking="accumulated"),
+    "dyrate_picture_features": lambda: DyRate(picture_predictor(NUM_HEADS, 4), 2, num_rates=4),
     "attnmass_current": lambda: AttentionMass(0.8, 2, ranking="current"),
 }
 

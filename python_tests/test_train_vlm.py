@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -12,10 +13,15 @@ pytest.importorskip("transformers")
 
 from dyrate_ext.train.__main__ import main as train_main
 from dyrate_ext.train.model import (
+    CHECKPOINTS,
+    LARGE,
     MICRO,
+    SIZES,
     build_tiny_processor,
     build_tiny_tokenizer,
     load_tiny_llava,
+    picture_settings,
+    resolve_checkpoint,
     tiny_llava,
     tiny_prompt,
 )
@@ -79,6 +85,24 @@ def test_loss_falls_and_runs_are_bit_identical(tmp_path):
         ref = a.model(input_ids=ids, pixel_values=image).logits
         got = model(input_ids=ids, pixel_values=image).logits
     assert torch.allclose(ref, got, atol=0.05, rtol=0.05)
+
+
+def test_sizes_and_their_pictures(tmp_path):
+    """The large tiny LLaVA is in the paper's regime (>= 256 image tokens, >= 85 % of the
+    prompt, >= 8 layers); its object scale travels with the checkpoint to every user."""
+    assert SIZES["large"] is LARGE and LARGE.image_tokens >= 256 and LARGE.num_layers >= 8
+    tok = build_tiny_tokenizer()
+    proc = build_tiny_processor(tok, LARGE)
+    ids = Batcher(proc, LARGE, 10, 0.0).prompt_ids["redundant"]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert ids.count(image_id) == LARGE.image_tokens and ids.count(image_id) / len(ids) >= 0.85
+    assert resolve_checkpoint("large") == CHECKPOINTS["large"]
+    assert resolve_checkpoint(None) == resolve_checkpoint("small") == CHECKPOINTS["small"]
+    assert resolve_checkpoint(str(tmp_path)) == tmp_path
+    small_pictures = dataclasses.replace(TINY, object_scale=0.5)
+    train_vlm(_cfg(steps=1, val_every=0, model=small_pictures), out=tmp_path / "c", progress=False)
+    assert picture_settings(load_tiny_llava(tmp_path / "c")[0]) == (TINY.image_size, 0.5)
+    assert picture_settings(load_tiny_llava("small")[0]) == (112, 1.0)  # older config.json
 
 
 def test_cli_dispatch(tmp_path, capsys):

@@ -52,6 +52,7 @@ class CaptionSample:
     style: str
     captions: list[str]
     image_size: int = 112
+    object_scale: float = 1.0
 
     @property
     def prompt(self) -> str:
@@ -60,7 +61,7 @@ class CaptionSample:
 
     def load_image(self) -> Image.Image:
         """The rendered picture."""
-        return render(self.scene, self.image_size)
+        return render(self.scene, self.image_size, self.object_scale)
 
 
 def scene_id(split: str, index: int, base: int = 0) -> int:
@@ -80,9 +81,11 @@ def load_split(
     start: int = 0,
     image_size: int = 112,
     num_references: int = NUM_REFERENCES,
+    object_scale: float = 1.0,
 ) -> list[CaptionSample]:
     """Samples `start .. start + n - 1` of `split` (n defaults to the split's size), each with
-    `num_references` captions of `style`."""
+    `num_references` captions of `style`, rendered at `image_size` with `object_scale`
+    (`render`). `base` shifts every seed: a `base` no run used gives unseen scenes."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     n = DEFAULT_SIZES[split] if n is None else int(n)
@@ -91,7 +94,9 @@ def load_split(
         sid = scene_id(split, i, base)
         scene = make_scene(sid)
         out.append(
-            CaptionSample(sid, scene, style, captions(scene, style, num_references), image_size)
+            CaptionSample(
+                sid, scene, style, captions(scene, style, num_references), image_size, object_scale
+            )
         )
     return out
 

@@ -152,11 +152,15 @@ def _clutter_color(background: str) -> tuple[int, int, int]:
     return {"white": (185, 185, 185), "gray": (95, 95, 95), "black": (70, 70, 70)}[background]
 
 
-def render(scene: Scene, size: int = 112) -> Image.Image:
+def render(scene: Scene, size: int = 112, object_scale: float = 1.0) -> Image.Image:
     """The scene as a `size` x `size` RGB image (drawn at 2x and downsampled, so edges are
-    smooth)."""
+    smooth). `object_scale` multiplies every object's radius (the places and the clutter stay):
+    0.5 draws objects at a quarter of their area, so most patches show only background, as in
+    natural photos."""
     if size < 16:
         raise ValueError(f"render: size must be >= 16 pixels, got {size}")
+    if not 0.0 < object_scale <= 1.0:
+        raise ValueError(f"render: object_scale must be in (0, 1], got {object_scale}")
     big = size * 2
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
@@ -174,7 +178,7 @@ def render(scene: Scene, size: int = 112) -> Image.Image:
         row, col = divmod(obj.cell, 3)
         cx = ((col + 0.5) / 3 + obj.dx) * big
         cy = ((row + 0.5) / 3 + obj.dy) * big
-        r = _RADIUS[obj.size] * big
+        r = _RADIUS[obj.size] * object_scale * big
         fill = COLORS[obj.color]
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

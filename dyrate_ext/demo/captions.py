@@ -1,9 +1,11 @@
 """The demo's default: the trained tiny LLaVA captions procedural test pictures under every
 policy, so the quality a policy keeps is visible next to the FLOPs it saves.
 
-The model is the committed checkpoint of `python -m dyrate_ext.train vlm`
-(`dyrate_ext/assets/tiny_llava`); DyRate uses the committed predictors trained beside it
-(`python -m dyrate_ext.train predictor`), and the hand-set predictor of the random-model demo
+The model is a committed checkpoint of `python -m dyrate_ext.train vlm` (`--model small`, the
+default: `dyrate_ext/assets/tiny_llava`; `--model large`: `dyrate_ext/assets/tiny_llava_large`,
+256 image tokens); DyRate uses the model's best committed predictor (`best_predictor.json` beside
+it, chosen by `make eval`; every predictor of the folder when there is none), and the hand-set
+predictor of the random-model demo
 stays available as a named baseline ("DyRate(hand-set k=2)"). For each policy the demo prints the
 first picture's generated caption next to its reference caption, then CIDEr, BLEU-4, decoder
 FLOPs % of NoPrune and mean kept image tokens over `--images` test pictures.
@@ -19,7 +21,7 @@ from typing import Any
 from ..embedded import hand_set_predictor
 from ..evaluate.engines import ENGINE_NOTE
 from ..evaluate.runner import Row, Spec, embedded_set, prepare, run_policy
-from ..evaluate.specs import find_predictors, load_model, predictor_specs
+from ..evaluate.specs import best_predictor, find_predictors, load_model, predictor_specs
 from ..llava import VTW, AttentionMass, DyRate, FastV, NoPrune, generate
 from ..results import format_table, run_metadata, write_results
 
@@ -82,11 +84,15 @@ def _table(rows: list[Row], markdown: bool = False) -> str:
 
 def run_caption_demo(args: argparse.Namespace) -> int:
     """Run the caption demo with the options of `dyrate_ext.demo.cli`; returns the exit status."""
-    model, processor, tokenizer, prompt_of, checkpoint = load_model(args.checkpoint, "cpu")
-    data = embedded_set("test", n=args.images, style=args.style)
+    from ..train.model import picture_settings
+
+    chosen = args.checkpoint or args.model
+    model, processor, tokenizer, prompt_of, checkpoint = load_model(chosen, "cpu")
+    data = embedded_set("test", n=args.images, style=args.style, pictures=picture_settings(model))
     batches = prepare(processor, data, prompt_of(data.question), batch_size=args.batch_size)
     layers = int(model.config.text_config.num_hidden_layers)
-    paths = args.predictor or find_predictors(checkpoint)
+    best = best_predictor(checkpoint)
+    paths = args.predictor or ([best] if best else find_predictors(checkpoint))
     dyrate = predictor_specs(paths, args.dyrate_k)
     hand_set = _hand_set(model, batches[0], args.dyrate_k, args.max_new_tokens)
     print(f"model: trained tiny LLaVA from {checkpoint} ({layers} decoder layers)")

@@ -2,9 +2,11 @@
 
 Two demos share these options:
 
-- Default, **captions**: the tiny LLaVA trained here (`dyrate_ext/assets/tiny_llava`, see
-  `python -m dyrate_ext.train`) captions `--images` procedural test pictures under NoPrune,
-  FastV, VTW, AttentionMass, DyRate with the committed trained predictors and DyRate with the
+- Default, **captions**: a tiny LLaVA trained here (`--model small`, the default: 64 image
+  tokens, `dyrate_ext/assets/tiny_llava`; `--model large`: 256 image tokens,
+  `dyrate_ext/assets/tiny_llava_large`; see `python -m dyrate_ext.train`) captions `--images`
+  procedural test pictures under NoPrune, FastV, VTW, AttentionMass, DyRate with the model's
+  best committed predictor and DyRate with the
   hand-set predictor (a named baseline), through the reference loop or (`--engine hf`)
   Hugging Face's own `model.generate()`; it prints the first picture's reference caption and
   each policy's caption, then CIDEr, BLEU-4, decoder FLOPs % and kept image tokens
@@ -90,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_prompt(args: argparse.Namespace) -> bool:
     """Whether the options ask for the one-prompt demo (--random-model or --model)."""
-    return bool(args.random_model or args.model is not None)
+    from ..train.model import CHECKPOINTS
+
+    return bool(args.random_model or (args.model is not None and args.model not in CHECKPOINTS))
 
 
 def _caption_options(ap: argparse.ArgumentParser) -> None:
@@ -98,8 +102,8 @@ def _caption_options(ap: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--checkpoint",
         metavar="PATH",
-        help="a folder written by `python -m dyrate_ext.train vlm`; default: the committed "
-        "tiny LLaVA",
+        help="a folder written by `python -m dyrate_ext.train vlm`, or a size: small (the "
+        "default), large (also given as --model small / --model large)",
     )
     c.add_argument("--images", type=int, default=8, help="test pictures to caption")
     c.add_argument(
@@ -122,7 +126,7 @@ def _model_options(ap: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PATH",
         help="local directory of a llava-hf LLaVA-1.5 checkpoint (config, weights, processor): "
-        "the one-prompt demo on it",
+        "the one-prompt demo on it; small / large: the caption demo on that tiny LLaVA",
     )
     g.add_argument("--image", metavar="PATH", help="image file; default: a drawn test picture")
     g.add_argument("--question", default=DEFAULT_QUESTION, help="the user's question")

@@ -40,8 +40,18 @@ from .specs import find_predictors, load_model, predictor_specs, sweep
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m dyrate_ext.evaluate", description=__doc__)
-    ap.add_argument("--model", help="llava-hf checkpoint folder (default: the tiny LLaVA)")
+    ap.add_argument(
+        "--model",
+        help="llava-hf checkpoint folder, or a tiny LLaVA size: small (default), large",
+    )
     ap.add_argument("--data", help="COCO-format caption set (default: the embedded test split)")
+    ap.add_argument(
+        "--base",
+        type=int,
+        default=0,
+        help="seed offset of the embedded split (0: the committed test split; another value: "
+        "pictures no model or predictor was trained or tuned on)",
+    )
     ap.add_argument("--n", type=int, default=200, help="images (default 200)")
     ap.add_argument("--styles", default="redundant,dense", help="embedded styles to evaluate")
     ap.add_argument(
@@ -89,7 +99,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
     if args.data:
         sets = [coco_set(args.data, args.n)]
     else:
-        sets = [embedded_set("test", args.n, s) for s in args.styles.split(",")]
+        from ..train.model import picture_settings
+
+        pictures = picture_settings(model)
+        sets = [
+            embedded_set("test", args.n, s, pictures, args.base) for s in args.styles.split(",")
+        ]
     tables: dict[str, list[Row]] = {}
     for i, data in enumerate(sets):
         full = (args.sweep if i == 0 else args.dense_sweep) == "full"
@@ -118,6 +133,15 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict[str, list[Row]]]:
     return {"n_images": args.n, "engine": args.engine, "currencies": currencies}, tables
 
 
+def _model_name(model: str | None) -> str:
+    from ..train.model import CHECKPOINTS
+
+    name = model or "small"
+    if name in CHECKPOINTS:
+        return f"dyrate_ext/assets/{CHECKPOINTS[name].name} (committed tiny LLaVA, {name})"
+    return name
+
+
 def _to(key: str, value: torch.Tensor, model) -> torch.Tensor:
     """A batch entry on the model's device; pixel values also in its dtype."""
     if key == "ids":
@@ -142,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_metadata(
         args.device or "cpu",
         **meta,
-        model=args.model or "dyrate_ext/assets/tiny_llava (committed tiny LLaVA)",
+        model=_model_name(args.model),
         data=args.data or "embedded test split",
         predictors=args.predictor,
         max_new_tokens=args.max_new_tokens,

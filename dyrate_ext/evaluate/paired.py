@@ -2,10 +2,12 @@
 
     from dyrate_ext.evaluate.paired import attach_vs_fastv
     attach_vs_fastv(rows)        # rows: every Row of one caption set
-    rows[i].vs_fastv["flops"]    # {"delta", "se", "n", "lo", "hi", "weight"} or None
+    rows[i].vs_fastv["flops"]    # {"delta", "se", "n", "lo", "hi", "weight", "curve"} or None
 
-The reference curve (REFERENCE_FAMILY, "FastV k=2") is FastV's r sweep plus the NoPrune row as
-its r = 0 point (100 % in every currency, nothing removed). For a policy of cost c (its % of
+FastV at its best k: every family "FastV k=K" of the table (REFERENCE_PREFIX) is a curve, its
+r sweep plus the NoPrune row as its r = 0 point (100 % in every currency, nothing removed), and
+a policy is compared with the curve that is best (highest interpolated CIDEr) at the policy's
+own cost; "curve" names it. For a policy of cost c (its % of
 NoPrune in one currency of `dyrate_ext.costs.CURRENCIES`), the curve's points sorted by cost in
 that currency give the two settings lo, hi with cost(lo) <= c <= cost(hi), and for every
 picture j
@@ -19,16 +21,17 @@ CIDEr minus the curve's interpolated CIDEr), se = std(d) / sqrt(n) with the samp
 deviation (n - 1 degrees of freedom; None for n < 2). Pairing by picture removes the
 between-picture spread both runs share, so se is much smaller than an unpaired one.
 
-A cost outside the curve's range [its cheapest point, 100 %] (or nan) gives None: FastV was
-not measured there, and extrapolating would invent it. So does a set without the curve.
-A row of the curve itself sits on one of its points: delta 0, se 0.
+A cost outside every curve's range [its cheapest point, 100 %] (or nan) gives None: FastV was
+not measured there, and extrapolating would invent it. So does a set without FastV rows.
+A row of a curve sits on one of its points: delta 0 against that curve, and <= 0 against the
+best one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..costs import CURRENCIES
@@ -36,20 +39,26 @@ from .runner import CURRENCY_LABELS, Row
 
 __all__ = [
     "REFERENCE_FAMILY",
+    "REFERENCE_PREFIX",
     "CurvePoint",
     "Paired",
     "attach_vs_fastv",
+    "best_difference",
     "bracket",
     "curve_of",
     "curve_range",
+    "curves_of",
     "format_paired",
     "mean_se",
     "paired_difference",
     "paired_note",
 ]
 
+REFERENCE_PREFIX = "FastV k="
+"""The families (one per k) whose curves (plus the NoPrune point) every policy is compared with."""
+
 REFERENCE_FAMILY = "FastV k=2"
-"""The family whose curve (plus the NoPrune point) every policy is compared with."""
+"""The default family of `curve_of`."""
 
 NOPRUNE_FAMILY = "NoPrune"
 
@@ -67,7 +76,7 @@ class CurvePoint:
 class Paired:
     """A policy's CIDEr minus the curve's at its cost: the mean `delta` over `n` pictures, its
     paired standard error `se` (None for n < 2), and the bracketing settings `lo`, `hi` with
-    the interpolation weight `weight` of `hi`."""
+    the interpolation weight `weight` of `hi`, on the curve of family `curve`."""
 
     delta: float
     se: float | None
@@ -75,6 +84,7 @@ class Paired:
     lo: str
     hi: str
     weight: float
+    curve: str = REFERENCE_FAMILY
 
 
 def mean_se(diffs: Sequence[float]) -> tuple[float, float | None]:
@@ -124,14 +134,35 @@ def paired_difference(
     return Paired(delta, se, len(diffs), lo.name, hi.name, w)
 
 
-def curve_of(rows: Sequence[Row], currency: str) -> list[CurvePoint]:
-    """The reference curve of a table's rows in `currency`: the REFERENCE_FAMILY rows and the
-    NoPrune row (empty without a REFERENCE_FAMILY row)."""
-    ref = [r for r in rows if r.family == REFERENCE_FAMILY]
+def curve_of(
+    rows: Sequence[Row], currency: str, family: str = REFERENCE_FAMILY
+) -> list[CurvePoint]:
+    """The curve of `family` in a table's rows in `currency`: that family's rows and the
+    NoPrune row (empty without a row of the family)."""
+    ref = [r for r in rows if r.family == family]
     if not ref:
         return []
     ref += [r for r in rows if r.family == NOPRUNE_FAMILY]
     return [CurvePoint(r.name, r.cost_percent(currency), r.cider_per_image) for r in ref]
+
+
+def curves_of(rows: Sequence[Row], currency: str) -> dict[str, list[CurvePoint]]:
+    """Every FastV family's curve (`curve_of`), by family name, in the rows' order."""
+    families = dict.fromkeys(r.family for r in rows if r.family.startswith(REFERENCE_PREFIX))
+    return {f: curve_of(rows, currency, f) for f in families}
+
+
+def best_difference(
+    scores: Mapping[int, float], cost: float, curves: Mapping[str, Sequence[CurvePoint]]
+) -> Paired | None:
+    """`paired_difference` against the curve that is best at `cost` (the smallest delta: the
+    highest interpolated CIDEr); None when `cost` is outside every curve's range."""
+    found = []
+    for family, curve in curves.items():
+        p = paired_difference(scores, cost, curve)
+        if p is not None:
+            found.append(replace(p, curve=family))
+    return min(found, key=lambda p: p.delta, default=None)
 
 
 def curve_range(curve: Sequence[CurvePoint]) -> tuple[float, float] | None:
@@ -144,12 +175,12 @@ def curve_range(curve: Sequence[CurvePoint]) -> tuple[float, float] | None:
 
 def attach_vs_fastv(rows: Sequence[Row]) -> None:
     """Set every row's `vs_fastv` to {currency: asdict(Paired) or None} for each currency of
-    CURRENCIES, against the curve of these rows (one caption set)."""
-    curves = {c: curve_of(rows, c) for c in CURRENCIES}
+    CURRENCIES, against FastV at its best k among these rows (one caption set)."""
+    curves = {c: curves_of(rows, c) for c in CURRENCIES}
     for r in rows:
         result: dict[str, Any] = {}
         for c in CURRENCIES:
-            p = paired_difference(r.cider_per_image, r.cost_percent(c), curves[c])
+            p = best_difference(r.cider_per_image, r.cost_percent(c), curves[c])
             result[c] = None if p is None else asdict(p)
         r.vs_fastv = result
 
@@ -167,14 +198,15 @@ def paired_note(rows: Sequence[Row], currencies: Sequence[str]) -> str:
     """The sentence under a table that explains its Δ columns and the curve's range."""
     spans = []
     for c in currencies:
-        span = curve_range(curve_of(rows, c))
+        points = [p for curve in curves_of(rows, c).values() for p in curve]
+        span = curve_range(points)
         if span is not None:
             spans.append(f"{CURRENCY_LABELS[c]} {span[0]:.1f}-{span[1]:.1f} %")
     if not spans:
-        return f"Δ vs FastV: no {REFERENCE_FAMILY} rows in this table, so no comparison."
+        return "Δ vs FastV: no FastV rows in this table, so no comparison."
     return (
-        f"Δ vs FastV: CIDEr minus {REFERENCE_FAMILY}'s (its r sweep and NoPrune) interpolated "
-        f"linearly at the row's cost, ± the paired per-picture standard error; "
-        f"'outside': the cost lies outside the curve's range ({'; '.join(spans)}), "
-        "so no comparison."
+        "Δ vs FastV: CIDEr minus FastV's at its best k (each k's r sweep and NoPrune, "
+        "interpolated linearly at the row's cost; the k whose curve is highest there), ± the "
+        "paired per-picture standard error; 'outside': the cost lies outside every curve's "
+        f"range ({'; '.join(spans)}), so no comparison."
     )

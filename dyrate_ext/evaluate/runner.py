@@ -83,11 +83,21 @@ class EvalSet:
     load_image: Callable[[int], Image.Image]
 
 
-def embedded_set(split: str = "test", n: int = 200, style: str = "redundant") -> EvalSet:
-    """The embedded procedural split (first `n` images) in `style`."""
-    samples = {s.image_id: s for s in load_split(split, n=n, style=style)}
+def embedded_set(
+    split: str = "test",
+    n: int = 200,
+    style: str = "redundant",
+    pictures: tuple[int, float] = (112, 1.0),
+    base: int = 0,
+) -> EvalSet:
+    """The embedded procedural split (first `n` images) in `style`, drawn at `pictures` =
+    (image size, object scale); `base` != 0 shifts the seeds (an unseen split, named so)."""
+    size, scale = pictures
+    found = load_split(split, n=n, style=style, base=base, image_size=size, object_scale=scale)
+    samples = {s.image_id: s for s in found}
+    where = f"{split}+{base}" if base else split
     return EvalSet(
-        f"embedded {split}[:{n}] {style}",
+        f"embedded {where}[:{n}] {style}",
         style,
         next(iter(samples.values())).prompt,
         list(samples),

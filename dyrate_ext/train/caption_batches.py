@@ -47,10 +47,13 @@ def load_examples(
     limit: int | None,
     split: str = "train",
     style: str = "redundant",
+    pictures: tuple[int, float] = (112, 1.0),
 ) -> list[Example]:
     """Examples of a COCO caption file/folder (`data`), or of the embedded procedural `split`
     when `data` is None, in `style` ("redundant", "dense", or several joined by commas: the
-    images are shared out among them, interleaved). `limit` keeps the first `limit` images."""
+    images are shared out among them, interleaved), drawn at `pictures` = (image size, object
+    scale): `dyrate_ext.train.model.picture_settings` of the model. `limit` keeps the first
+    `limit` images."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if data is None:
@@ -62,7 +65,9 @@ def load_examples(
         # Different scenes per style: style i starts where style i - 1's images end.
         starts = [sum(per[:i]) for i in range(len(styles))]
         groups = [
-            load_split(split, n=n, style=st, start=start)
+            load_split(
+                split, n=n, style=st, start=start, image_size=pictures[0], object_scale=pictures[1]
+            )
             for st, n, start in zip(styles, per, starts, strict=True)
         ]
         samples = [g[i] for i in range(max(per)) for g in groups if i < len(g)]

@@ -41,13 +41,19 @@ from ..embedded import (
 )
 
 __all__ = [
+    "CHECKPOINTS",
     "DEFAULT_CHECKPOINT",
+    "LARGE",
     "MICRO",
+    "OBJECT_SCALE_KEY",
+    "SIZES",
     "TINY_SYSTEM",
     "TinyConfig",
     "build_tiny_processor",
     "build_tiny_tokenizer",
     "load_tiny_llava",
+    "picture_settings",
+    "resolve_checkpoint",
     "save_tiny_llava",
     "tiny_llava",
     "tiny_prompt",
@@ -81,6 +87,9 @@ class TinyConfig:
     intermediate_size: int = 384
     num_heads: int = 4
     num_kv_heads: int = 2
+    object_scale: float = 1.0
+    """Radius of the drawn objects relative to `dyrate_ext.data.render`'s (the pictures this
+    model is trained and evaluated on; stored in the checkpoint's config.json)."""
     seed: int = 0
 
     @property
@@ -106,6 +115,39 @@ MICRO = TinyConfig(
     num_kv_heads=2,
 )
 """A micro config (4 image tokens, 4 decoder layers of width 32) for tests and smoke runs."""
+
+LARGE = TinyConfig(image_size=224, num_layers=8, object_scale=0.5)
+"""The large tiny LLaVA, in the paper's regime: 224-pixel pictures -> 16 x 16 = 256 image
+tokens (92 % of the prompt), objects drawn at half the radius (most patches are background),
+8 decoder layers of width 128."""
+
+SIZES: dict[str, TinyConfig] = {"small": TinyConfig(), "large": LARGE}
+"""The embedded tiny LLaVAs by name (`--size` / `--model` on the command lines)."""
+
+CHECKPOINTS: dict[str, Path] = {
+    "small": DEFAULT_CHECKPOINT,
+    "large": DEFAULT_CHECKPOINT.with_name("tiny_llava_large"),
+}
+"""Where each size's trained checkpoint is committed."""
+
+OBJECT_SCALE_KEY = "dyrate_object_scale"
+"""The config.json attribute that carries `TinyConfig.object_scale` with a checkpoint."""
+
+
+def resolve_checkpoint(model: str | os.PathLike[str] | None) -> Path:
+    """The checkpoint folder of `model`: a size name of `CHECKPOINTS` ("small", "large"), a
+    folder path, or None for the small one."""
+    if model is None:
+        return DEFAULT_CHECKPOINT
+    if isinstance(model, str) and model in CHECKPOINTS:
+        return CHECKPOINTS[model]
+    return Path(model)
+
+
+def picture_settings(model: Any) -> tuple[int, float]:
+    """(image size in pixels, object scale) of the pictures `model` (a tiny LLaVA) reads."""
+    config = model.config
+    return int(config.vision_config.image_size), float(getattr(config, OBJECT_SCALE_KEY, 1.0))
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -137,6 +179,7 @@ def tiny_llava(
         max_position_embeddings=512,
         special_ids=(*ids, tokenizer.pad_token_id),
     )
+    setattr(llava, OBJECT_SCALE_KEY, c.object_scale)
     torch.manual_seed(c.seed)
     model = LlavaForConditionalGeneration(llava)
     model.set_attn_implementation("sdpa")
@@ -174,8 +217,9 @@ def load_tiny_llava(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, Any]:
     """(model in eval mode, in `dtype`; processor; tokenizer) from a saved folder (the tiny
-    LLaVA's or any llava-hf checkpoint's), by default the committed `DEFAULT_CHECKPOINT`."""
-    folder = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    LLaVA's or any llava-hf checkpoint's, or a size name: `resolve_checkpoint`), by default the
+    committed `DEFAULT_CHECKPOINT`."""
+    folder = resolve_checkpoint(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"no tiny LLaVA checkpoint at {folder} (config.json missing): train one with "

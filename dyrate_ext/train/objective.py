@@ -24,6 +24,12 @@
 with hard decisions (noise 1: sampled from pi; noise 0: the argmax, what `DyRate` deploys):
 quality as the mean over all valid rows, cost as a ratio of sums. `fastv_init` makes a
 predictor whose argmax is one rate at every step: FastV(r) under the never-grow rule.
+
+A predictor's inputs per step (`step_inputs`): the scoring layer's flattened type mass and, for
+a predictor with picture features (`RatePredictor.features`, beyond the paper), those features
+of the same row's FastV scores (`image_score_features` on `Prepared.token_score`, over the image
+slots, which are the slots inference's `StepStats.token_score` holds too), so the predictor sees
+in training what `DyRate` gives it at inference. `predictor_logits` applies a predictor to them.
 """
 
 from __future__ import annotations
@@ -36,12 +42,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..flops import DecoderShape
+from ..picture_features import image_score_features
 from ..policies import DEFAULT_RANKING
 from ..predictor import RatePredictor
 from .gumbel import check_currency, expected_cost, st_gumbel_softmax
 from .masked_forward import MaskedLlava, Prepared, keep_masks
 
-__all__ = ["PERSISTENCE", "Cached", "Objective", "fastv_init", "parse_fastv"]
+__all__ = [
+    "PERSISTENCE",
+    "Cached",
+    "Objective",
+    "fastv_init",
+    "parse_fastv",
+    "predictor_logits",
+    "step_inputs",
+]
 
 PERSISTENCE = ("myopic", "chained", "reinforce")
 """How a decision is charged for the rows after its own (`Objective.persistence`)."""
@@ -53,6 +68,25 @@ class Cached:
 
     prep: Prepared
     teacher: Tensor  # float32 [B, C, V] log-probs of the unpruned model
+
+
+def step_inputs(p: Prepared, features: tuple[str, ...] = ()) -> Tensor:
+    """float32 [B, C, H*4 + F]: each step's raw predictor input, the scoring layer's flattened
+    type mass then the picture features `features` of that step's scores (F = len(features))."""
+    mass = p.type_mass.flatten(2).float()
+    if not features:
+        return mass
+    extra = image_score_features(p.token_score, p.token_type[:, None], features)  # [B, C, F]
+    return torch.cat([mass, extra], dim=-1)
+
+
+def predictor_logits(pred: RatePredictor, x: Tensor) -> Tensor:
+    """[B, C, K] logits of `pred` on inputs x [B, C, H*4 + F] (`step_inputs`, maybe
+    standardised): the first H*4 are the type mass, the rest the picture features."""
+    mass = pred.num_heads * pred.num_types
+    flat = x.flatten(0, 1)
+    extra = flat[:, mass:] if pred.features else None
+    return pred(flat[:, :mass], extra).view(*x.shape[:2], pred.num_rates)
 
 
 def per_row_quality(student: Tensor, cached: Cached, kind: str) -> Tensor:
@@ -98,7 +132,7 @@ class Objective:
     budget: float
     lam: float
     quality: str
-    mean: Tensor  # [H*4] type-mass feature mean and std over the training steps
+    mean: Tensor  # [H*4 + F] `step_inputs` mean and std over the training steps
     std: Tensor
     chain: bool = False  # keep_masks' chain option (the unnormalised sum)
     ranking: str = DEFAULT_RANKING  # how decode steps rank the held image tokens (RANKINGS)
@@ -115,9 +149,9 @@ class Objective:
             raise ValueError(f"entropy weight must be >= 0, got {self.entropy}")
 
     def logits(self, pred: RatePredictor, p: Prepared) -> Tensor:
-        """[B, C, K] class scores of every step (standardised type mass)."""
-        feats = (p.type_mass.flatten(2) - self.mean) / self.std  # [B, C, H*4]
-        return pred(feats.flatten(0, 1)).view(*feats.shape[:2], pred.num_rates)
+        """[B, C, K] class scores of every step (standardised `step_inputs`)."""
+        feats = (step_inputs(p, pred.features) - self.mean) / self.std  # [B, C, H*4 + F]
+        return predictor_logits(pred, feats)
 
     def _masks(self, p: Prepared, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         chain: bool | str = self.chain

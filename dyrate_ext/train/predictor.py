@@ -36,6 +36,10 @@ predictors reproduce without them:
   --final-phase-steps N (--final-noise X): N more steps at tau-end whose decisions are
     argmax(log pi + X g) (X = 0: the argmax, the deployed policy).
   --init fastv:R[:MARGIN]: start from weights 0 and logit MARGIN on rate R: FastV(r=R).
+  --features image_entropy,image_top_mass: picture features of the scoring layer's image-token
+    scores as extra predictor inputs (`dyrate_ext.picture_features`; the type mass barely
+    varies between pictures at the prefill). Standardised with the type mass; an --init
+    without them gets weight 0 on them. The file records them (metadata "features").
 The JSON log records `train_objective`: the objective over the training data with hard
 decisions, argmax (deployed) and one sample of pi, before and after training.
 
@@ -56,10 +60,11 @@ Statistics: the scoring-layer type mass and FastV scores come from the repo's op
 (`dyrate_ext.ops.attention_stats_from_probs`, no gradient needed: the VLM is frozen); the
 masked attention and the mask mixing are plain torch (gradients flow through them).
 
-The type mass is standardised (per feature, over the training rows) while training; the affine
-map is folded into the linear layer at the end, so the saved RatePredictor takes the raw type
-mass as `DyRate` gives it. The file's metadata records k, K, budget, lambda, seed, the model
-and the data (`RatePredictor.metadata(path)`); a JSON log with the loss curve goes beside it.
+The type mass (and any picture features) is standardised (per input, over the training rows)
+while training; the affine map is folded into the linear layer at the end, so the saved
+RatePredictor takes the raw inputs as `DyRate` gives them. The file's metadata records k, K,
+budget, lambda, seed, the model and the data (`RatePredictor.metadata(path)`); a JSON log with
+the loss curve goes beside it.
 Deterministic by seed (Gumbel noise from a seeded generator, seeded batch order).
 """
 
@@ -74,6 +79,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..picture_features import PICTURE_FEATURES, check_features
 from ..policies import DEFAULT_RANKING, RANKINGS
 from ..predictor import RatePredictor
 from .caption_batches import (
@@ -104,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dyrate_ext.train predictor",
         description="Train a DyRate RatePredictor (straight-through Gumbel-Softmax, frozen VLM).",
     )
-    ap.add_argument("--model", help="llava-hf checkpoint folder (default: the tiny LLaVA)")
+    ap.add_argument(
+        "--model",
+        help="llava-hf checkpoint folder or tiny LLaVA size (small, large; default small)",
+    )
     ap.add_argument("--data", help="COCO caption file/folder (default: embedded train split)")
     ap.add_argument(
         "--val-data",
@@ -202,15 +211,25 @@ def _add_objective_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--final-noise", type=float, default=0.0, help="0: argmax decisions (the deployed policy)"
     )
+    ap.add_argument(
+        "--features",
+        default="",
+        help="comma-separated picture features as extra predictor inputs (default none; "
+        f"valid: {','.join(PICTURE_FEATURES)})",
+    )
+
+
+def parse_features(spec: str) -> tuple[str, ...]:
+    """--features: "a,b" -> ("a", "b") ("" -> ()); ValueError for an unknown name."""
+    return check_features(s.strip() for s in spec.split(",") if s.strip())
 
 
 def _load_model(path: str | None, device: str) -> tuple[LlavaForConditionalGeneration, object, str]:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    if path is None:
-        from .model import DEFAULT_CHECKPOINT
+    from .model import resolve_checkpoint
 
-        path = os.fspath(DEFAULT_CHECKPOINT)
+    path = os.fspath(resolve_checkpoint(path))
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json (a llava-hf checkpoint folder)")
     # Any: transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy
@@ -258,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train, measure on val, save the predictor and a JSON log beside it. Returns 0."""
     args = build_parser().parse_args(argv)
     check_budget(args.budget)
+    features = parse_features(args.features)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor, path = _load_model(args.model, device)
     # Any: transformers types text_config as `PretrainedConfig | dict | None`; a loaded model's
@@ -269,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     init = _initial(args.init, int(text_config.num_attention_heads), args.num_rates)
     given = args.prompt_template and args.prompt_template.replace("\\n", "\n")
     template = check_template(given or default_template())
-    examples = load_examples(args.data, args.limit, "train", args.style)
+    from .model import picture_settings
+
+    pictures = picture_settings(model)
+    examples = load_examples(args.data, args.limit, "train", args.style, pictures)
     batches = build_batches(
         examples, processor, args.batch_size, args.max_caption_tokens, args.seed, template
     )
@@ -282,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         ranking=args.ranking, progress=not args.quiet, currency=args.budget_currency,
         persistence=args.persistence, persistence_weight=args.persistence_weight,
         entropy=args.entropy, final_phase_steps=args.final_phase_steps,
-        final_noise=args.final_noise,
+        final_noise=args.final_noise, features=features,
     )  # fmt: skip
     report: dict = {
         "train_seconds": res.seconds,
@@ -292,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.val_limit > 0 and (args.val_data or not args.data):
         from .predictor_eval import evaluate_predictor, forced_flops
 
-        val = load_examples(args.val_data, args.val_limit, "val", args.style)
+        val = load_examples(args.val_data, args.val_limit, "val", args.style, pictures)
         vb = build_batches(val, processor, args.batch_size, args.max_caption_tokens, 0, template)
         report["val_forced"] = forced_flops(model, vb, res.predictor, args.k)
         report["val_generated"] = evaluate_predictor(

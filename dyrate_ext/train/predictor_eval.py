@@ -22,6 +22,7 @@ from ..llava import DyRate, NoPrune, generate
 from ..predictor import RatePredictor
 from .gumbel import expected_flops
 from .masked_forward import CaptionBatch, MaskedLlava, keep_masks
+from .objective import predictor_logits, step_inputs
 
 __all__ = ["evaluate_predictor", "forced_flops"]
 
@@ -39,7 +40,7 @@ def forced_flops(
     cost = base = kept_sum = clamp_sum = rows = 0.0
     for b in batches:
         p = masked.prepare(b.to(device))
-        cls = predictor(p.type_mass.flatten(0, 1)).argmax(-1).view(p.targets.shape)
+        cls = predictor_logits(predictor, step_inputs(p, predictor.features)).argmax(-1)
         y = F.one_hot(cls, predictor.num_rates).float()
         _, kept, clamped = keep_masks(p.token_score, p.token_type, y, p.row_valid)
         c, n = expected_flops(shape, k, y, p.num_image, p.prompt_length, p.row_valid, parts=True)

@@ -1,10 +1,10 @@
 """The predictor training loop: `train_predictor(model, batches, k=, budget=, ...)`.
 
 See `dyrate_ext.train.predictor` (the command line) for the method. Here: the first pass over
-the frozen model (cache, reachable cost floor, type-mass standardisation), Adam on the
-predictor alone over the annealed epochs and an optional final low-noise phase, the objective
-under hard decisions before and after (`Objective.measure`), and the folding of the
-standardisation into the saved linear layer. The objective of one batch,
+the frozen model (cache, reachable cost floor, input standardisation: the type mass and any
+picture features), Adam on the predictor alone over the annealed epochs and an optional final
+low-noise phase, the objective under hard decisions before and after (`Objective.measure`), and
+the folding of the standardisation into the saved linear layer. The objective of one batch,
 quality + lambda * (E[cost] - budget)^2 and its options, is `dyrate_ext.train.objective`.
 """
 
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..flops import DecoderShape
+from ..picture_features import check_features
 from ..policies import DEFAULT_RANKING
 from ..predictor import RatePredictor
 from .gumbel import check_currency, expected_cost, temperature
 from .masked_forward import CaptionBatch, MaskedLlava
-from .objective import Cached, Objective
+from .objective import Cached, Objective, step_inputs
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -34,7 +35,7 @@ __all__ = ["TrainResult", "check_budget", "train_predictor"]
 
 @dataclass
 class TrainResult:
-    """A trained predictor (raw type-mass input) and its training record."""
+    """A trained predictor (raw type-mass and picture-feature inputs) and its training record."""
 
     predictor: RatePredictor
     history: list[dict] = field(default_factory=list)
@@ -51,7 +52,11 @@ def check_budget(budget: float) -> float:
     return b
 
 
-def _check_args(num_rates: int, quality: str, num_batches: int, epochs: int) -> None:
+def _check_args(
+    num_rates: int, quality: str, num_batches: int, epochs: int, final: tuple[float, float]
+) -> None:
+    """ValueError for K < 2, an unknown quality, no batches, epochs < 1 or a negative final
+    phase (final: final_phase_steps, final_noise)."""
     if num_rates < 2:
         raise ValueError(f"num_rates must be >= 2, got {num_rates}")
     if quality not in ("kl", "nll"):
@@ -60,11 +65,17 @@ def _check_args(num_rates: int, quality: str, num_batches: int, epochs: int) -> 
         raise ValueError("no training batches")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if min(final) < 0:
+        raise ValueError("final_phase_steps and final_noise must be >= 0")
 
 
-def _init_predictor(heads: int, num_rates: int, init: RatePredictor | None) -> RatePredictor:
+def _init_predictor(
+    heads: int, num_rates: int, init: RatePredictor | None, features: tuple[str, ...] = ()
+) -> RatePredictor:
+    """A fresh predictor, or a copy of `init`; an `init` without picture features starts a
+    predictor with `features` at weight 0 on them (so it decides as `init` does)."""
     if init is None:
-        return RatePredictor(heads, num_rates)
+        return RatePredictor(heads, num_rates, features=features)
     if init.num_heads != heads or init.num_types != 4:
         raise ValueError(
             f"the initial predictor takes {init.num_heads} heads x {init.num_types} types but the "
@@ -74,14 +85,23 @@ def _init_predictor(heads: int, num_rates: int, init: RatePredictor | None) -> R
         raise ValueError(
             f"the initial predictor has {init.num_rates} rates, num_rates is {num_rates}"
         )
-    out = RatePredictor(heads, num_rates)
-    out.load_state_dict(init.state_dict())
+    if init.features not in ((), features):
+        raise ValueError(
+            f"the initial predictor has picture features {init.features}, training asks for "
+            f"{features}"
+        )
+    out = RatePredictor(heads, num_rates, features=features)
+    with torch.no_grad():
+        w = init.linear.weight.detach()
+        out.linear.weight.zero_()
+        out.linear.weight[:, : w.shape[1]].copy_(w)
+        out.linear.bias.copy_(init.linear.bias.detach())
     return out
 
 
 def _fold(pred: RatePredictor, mean: Tensor, std: Tensor) -> RatePredictor:
     """A RatePredictor on raw inputs equal to `pred` on (x - mean) / std."""
-    out = RatePredictor(pred.num_heads, pred.num_rates, pred.num_types)
+    out = RatePredictor(pred.num_heads, pred.num_rates, pred.num_types, pred.features)
     w, b = pred.linear.weight.detach(), pred.linear.bias.detach()
     with torch.no_grad():
         out.linear.weight.copy_(w / std)
@@ -115,6 +135,7 @@ def train_predictor(
     final_phase_steps: int = 0,
     final_noise: float = 0.0,
     measure: bool = True,
+    features: tuple[str, ...] = (),
 ) -> TrainResult:
     """Train a RatePredictor for a frozen LLaVA model on teacher-forcing batches.
 
@@ -124,16 +145,17 @@ def train_predictor(
     After the epochs, `final_phase_steps` more steps at tau_end with the Gumbel noise scaled by
     `final_noise` (0: the argmax decisions DyRate deploys). With `measure`, the objective under
     hard decisions (argmax and one sample of pi) over all training batches is recorded before
-    and after training (TrainResult.objective).
+    and after training (TrainResult.objective). `features`: picture features
+    (`dyrate_ext.picture_features.PICTURE_FEATURES`) the predictor takes beside the type mass
+    (beyond the paper; standardised like it); an `init` without them gets weight 0 on them.
 
     Raises ValueError for a budget outside (0, 1] or below the reachable floor, k out of
     range, num_rates < 2, an `init` predictor of another shape, no batches, an unknown
-    currency or persistence, a negative entropy weight or final phase.
+    currency or persistence, a negative entropy weight or final phase, an unknown feature.
     """
     budget = check_budget(budget)
-    _check_args(num_rates, quality, len(batches), epochs)
-    if final_phase_steps < 0 or final_noise < 0:
-        raise ValueError("final_phase_steps and final_noise must be >= 0")
+    features = check_features(features)
+    _check_args(num_rates, quality, len(batches), epochs, (final_phase_steps, final_noise))
     check_currency(currency)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -142,10 +164,11 @@ def train_predictor(
     device = model.lm_head.weight.device
     shape = DecoderShape.from_config(model.config)
     torch.manual_seed(seed)
-    pred = _init_predictor(masked.num_heads, num_rates, init).to(device)
+    pred = _init_predictor(masked.num_heads, num_rates, init, features).to(device)
     start = time.perf_counter()
 
-    cache, floor, mean, std = _first_pass(masked, batches, num_rates, recompute, progress, currency)
+    first = (num_rates, recompute, progress, currency, features)
+    cache, floor, mean, std = _first_pass(masked, batches, *first)
     if budget < floor - 1e-6:
         raise ValueError(
             f"budget {budget} is below the lowest {currency} fraction reachable on this data "
@@ -262,10 +285,12 @@ def _first_pass(
     recompute: bool,
     progress: bool,
     currency: str = "kv-flops",
+    features: tuple[str, ...] = (),
 ) -> tuple[list[Cached] | None, float, Tensor, Tensor]:
     """Run the frozen model over every batch once: (the cache or None, the lowest reachable
-    cost fraction in `currency` (every step at rate (K-1)/K, ratio of sums), the type-mass feature mean and
-    std over all valid steps [H*4])."""
+    cost fraction in `currency` (every step at rate (K-1)/K, ratio of sums), the mean and std
+    of the predictor's inputs (`step_inputs`: type mass, then `features`) over all valid steps
+    [H*4 + F])."""
     from tqdm.auto import tqdm
 
     shape = DecoderShape.from_config(masked.model.config)
@@ -280,7 +305,7 @@ def _first_pass(
             shape, masked.k, low, p.num_image, p.prompt_length, p.row_valid, currency, parts=True
         )
         cost, base = cost + float(parts[0]), base + float(parts[1])
-        rows.append(p.type_mass[p.row_valid].flatten(1))  # [R, H*4]
+        rows.append(step_inputs(p, features)[p.row_valid])  # [R, H*4 + F]
         if not recompute:
             cache.append(c)
     feats = torch.cat(rows)

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from ..data import PROMPTS, captions, make_scene, render, scene_id
 from ..data.dataset import DEFAULT_SIZES
 from .model import (
-    DEFAULT_CHECKPOINT,
+    CHECKPOINTS,
+    SIZES,
     TinyConfig,
     build_tiny_processor,
     build_tiny_tokenizer,
@@ -110,6 +111,7 @@ class Batcher:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.size = config.image_size
+        self.object_scale = config.object_scale
         self.train_scenes = train_scenes
         self.dense_fraction = dense_fraction
         blank = render(make_scene(0), self.size)
@@ -133,7 +135,7 @@ class Batcher:
             prompt = self.prompt_ids[style]
             seqs.append(prompt + cap)
             labels.append([IGNORE] * len(prompt) + cap)
-            images.append(render(scene, self.size))
+            images.append(render(scene, self.size, self.object_scale))
         width = max(map(len, seqs))
         pad = self.tokenizer.pad_token_id
         ids = torch.full((batch_size, width), pad, dtype=torch.int64)
@@ -283,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dyrate_ext.train vlm", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--out", default=str(DEFAULT_CHECKPOINT), help="checkpoint folder")
+    ap.add_argument(
+        "--size", choices=tuple(SIZES), default="small", help="which tiny LLaVA (model sizes)"
+    )
+    ap.add_argument("--out", help="checkpoint folder (default: the size's committed folder)")
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--lr", type=float, default=d.lr)
@@ -301,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         init=args.init,
         threads=args.threads,
         val_every=args.val_every,
+        model=SIZES[args.size],
     )
+    args.out = args.out or str(CHECKPOINTS[args.size])
     print(f"training a tiny LLaVA ({cfg.model}) for {cfg.steps} steps of {cfg.batch_size}")
     result = train_vlm(cfg, out=args.out)
     plot_losses(result, args.plot)
