@@ -168,10 +168,11 @@ def test_save_load_keeps_features_and_old_files_load_without(tmp_path, gen):
     x = torch.rand(4, 6, 4, generator=gen)
     assert torch.equal(loaded(x), old(x))
     committed = sorted(ASSETS.glob("predictor_*.safetensors"))
-    assert len(committed) == 3
-    for path in committed:
-        assert "features" not in RatePredictor.metadata(path)
-        assert RatePredictor.load(path).features == ()
+    assert len(committed) == 6
+    for path in committed:  # the picture predictor has them, the others (older ones) none
+        want = ("image_entropy", "image_top_mass") if "picture" in path.name else ()
+        assert ("features" in RatePredictor.metadata(path)) == bool(want)
+        assert RatePredictor.load(path).features == want
 
 
 # ---- DyRate ----------------------------------------------------------------------------------
