@@ -43,7 +43,7 @@ def predictor_specs(paths: list[str], default_k: int) -> list[Spec]:
         knob = f"k={k} budget={float(budget):.2f}" if budget else f"k={k} {Path(p).stem}"
         if predictor.num_rates != 8:  # the paper's K; other grids are named
             knob += f" K={predictor.num_rates}"
-        if getattr(predictor, "features", ()):
+        if predictor.features:
             knob += " +picture"
         specs.append(Spec("DyRate", knob, DyRate(predictor, k=k)))
     return specs
