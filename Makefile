@@ -108,8 +108,13 @@ train-predictor-large: build
 		--out $(ASSETS_LARGE)/predictor_k1_b45_k32.safetensors
 	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.45 $(OURS) --init fastv:0.75 \
 		--features image_entropy,image_top_mass --out $(ASSETS_LARGE)/predictor_k1_b45_k32_picture.safetensors
+	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.38 --budget-currency paper-flops \
+		--out $(ASSETS_LARGE)/predictor_k1_b38_paper.safetensors
+	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.38 --budget-currency paper-flops $(OURS) \
+		--init fastv:0.5 --out $(ASSETS_LARGE)/predictor_k1_b38_paper_k32.safetensors
 
-# Four evaluations on the 2 cores, two at a time, then the README section.
+# Four evaluations and the paper-style schedules (bench/paper_regime.py) on the 2 cores, two
+# jobs at a time, then the README section.
 EVAL := $(VPY) -m dyrate_ext.evaluate --quiet
 eval: build
 	$(MAKE) -j2 eval-large eval-rest
@@ -119,10 +124,11 @@ eval: build
 	$(VPY) tools/readme_sections.py README.md eval bench/results/eval_summary.md
 
 eval-large:
-	$(EVAL) --model large --n 100 --out bench/results/eval_large
+	$(EVAL) --model large --n 200 --out bench/results/eval_large
 
 eval-rest:
-	$(EVAL) --model large --base $(UNSEEN) --n 50 --out bench/results/eval_large_unseen
+	$(EVAL) --model large --base $(UNSEEN) --n 100 --out bench/results/eval_large_unseen
+	$(VPY) bench/paper_regime.py --model large --n 100 --quiet --out bench/results/paper_regime
 	$(EVAL) --model small --out bench/results/eval
 	$(EVAL) --model small --base $(UNSEEN) --n 100 --out bench/results/eval_unseen
 

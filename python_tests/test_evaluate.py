@@ -26,7 +26,7 @@ from dyrate_ext.evaluate.specs import (
     predictor_specs,
 )
 from dyrate_ext.predictor import RatePredictor
-from dyrate_ext.train.model import MICRO
+from dyrate_ext.train.model import CHECKPOINTS, MICRO
 from dyrate_ext.train.vlm import TrainConfig, train_vlm
 
 TINY = MICRO
@@ -141,6 +141,11 @@ def test_predictors_beside_the_model_are_found(tiny_checkpoint, tmp_path):
     assert find_predictors(folder) == [str(folder / "dyrate_b80.safetensors")]
     (spec,) = predictor_specs(find_predictors(folder), default_k=3)
     assert spec.name == "DyRate(k=2 budget=0.80 K=4)" and spec.policy.k == 2
+    predictor = RatePredictor.load(folder / "dyrate_b80.safetensors")
+    meta = {"k": "1", "budget": "0.38", "budget_currency": "paper-flops"}
+    predictor.save(folder / "dyrate_paper.safetensors", metadata=meta)
+    spec = predictor_specs([str(folder / "dyrate_paper.safetensors")], default_k=3)[0]
+    assert spec.name == "DyRate(k=1 budget=0.38 paper-flops K=4)" and spec.policy.k == 1
 
 
 def test_best_predictor_and_unseen_split(tiny_checkpoint, tmp_path):
@@ -157,6 +162,17 @@ def test_best_predictor_and_unseen_split(tiny_checkpoint, tmp_path):
     unseen = embedded_set("test", 3, "dense", (56, 0.5), base=10_000_000)
     assert "test+10000000" in unseen.name and not set(seen.image_ids) & set(unseen.image_ids)
     assert seen.load_image(seen.image_ids[0]).size == (56, 56)
+
+
+@pytest.mark.parametrize("size", sorted(CHECKPOINTS))
+def test_committed_models_name_their_best_predictor(size):
+    """The demo runs each committed model's best predictor: the note names a committed file
+    trained for that model, and says why."""
+    folder = Path(CHECKPOINTS[size])
+    path = best_predictor(folder)
+    assert path is not None and path in find_predictors(folder)
+    assert len(json.loads((folder / BEST_PREDICTOR).read_text())["why"]) > 40
+    assert RatePredictor.metadata(path)["model"] == folder.name
 
 
 def test_cli_on_a_coco_caption_set(tiny_checkpoint, tmp_path):

@@ -33,7 +33,8 @@ MASS_P = (0.5, 0.8, 0.95)
 
 
 def predictor_specs(paths: list[str], default_k: int) -> list[Spec]:
-    """DyRate specs from RatePredictor files (k and budget from their metadata when there)."""
+    """DyRate specs from RatePredictor files (k, budget and its currency from their metadata
+    when there)."""
     specs = []
     for p in paths:
         meta = RatePredictor.metadata(p)
@@ -41,6 +42,8 @@ def predictor_specs(paths: list[str], default_k: int) -> list[Spec]:
         budget = meta.get("budget")
         predictor = RatePredictor.load(p)
         knob = f"k={k} budget={float(budget):.2f}" if budget else f"k={k} {Path(p).stem}"
+        if "budget_currency" in meta:  # a budget in another currency than KV-cache FLOPs
+            knob += f" {meta['budget_currency']}"
         if predictor.num_rates != 8:  # the paper's K; other grids are named
             knob += f" K={predictor.num_rates}"
         if predictor.features:
