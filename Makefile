@@ -119,6 +119,7 @@ EVAL := $(VPY) -m dyrate_ext.evaluate --quiet
 eval: build
 	$(MAKE) -j2 eval-large eval-rest
 	$(VPY) bench/eval_summary.py --out bench/results/eval_summary.md \
+		--regime bench/results/paper_regime.json \
 		small=bench/results/eval.json small=bench/results/eval_unseen.json \
 		large=bench/results/eval_large.json large=bench/results/eval_large_unseen.json
 	$(VPY) tools/readme_sections.py README.md eval bench/results/eval_summary.md

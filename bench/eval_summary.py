@@ -8,7 +8,8 @@ Writes one line per run (date, machine, commit, time), the targets table
 (`dyrate_ext.evaluate.targets`) over every caption set, and per model a compact table of its
 first file's redundant-style set: NoPrune, FastV at r = 0.5 for each k, VTW at its best,
 AttentionMass(p=0.8) and every DyRate row, with each cost currency and the Δ vs FastV at its
-best k. The full tables stay in each run's .md file.
+best k. The full tables stay in each run's .md file. `--regime` adds what
+`bench/paper_regime.py` found: the best any schedule keeps at the paper-style budget.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dyrate_ext.evaluate.paired import format_paired
-from dyrate_ext.evaluate.targets import check_targets, targets_markdown
+from dyrate_ext.evaluate.targets import PAPER_BUDGET, check_targets, targets_markdown
 
 HEAD = (
     "| method | KV-cache FLOPs % | paper-style FLOPs % (reconstruction) | decode KV read % | "
@@ -74,8 +75,32 @@ def _table(tables: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def summary(runs: list[tuple[str, str]]) -> str:
-    """The markdown of `runs`: (model name, JSON path) pairs."""
+def regime_line(doc: dict[str, Any]) -> str:
+    """One sentence from a `bench/paper_regime.py` JSON: per style, the row with the highest
+    CIDEr at <= PAPER_BUDGET % paper-style FLOPs and its share of NoPrune's CIDEr."""
+    parts = []
+    for style, result in doc["styles"].items():
+        rows = result["rows"]
+        base = rows[0]["cider"]
+        within = [r for r in rows[1:] if r["paper_flops_percent"] <= PAPER_BUDGET]
+        if not within:
+            parts.append(f"{style}: no schedule at <= {PAPER_BUDGET:.0f} %")
+            continue
+        best = max(within, key=lambda r: r["cider"])
+        parts.append(
+            f"{style}: {best['name']} at {best['paper_flops_percent']:.1f} %, "
+            f"{100 * best['cider'] / base:.1f} % of NoPrune's CIDEr"
+        )
+    return (
+        f"Paper-style reach (`bench/paper_regime.py`, {doc['n']} pictures per style, model "
+        f"{Path(doc['model']).name}): the best hand-made schedule at <= {PAPER_BUDGET:.0f} % "
+        f"paper-style FLOPs keeps " + "; ".join(parts) + "."
+    )
+
+
+def summary(runs: list[tuple[str, str]], regime: str | None = None) -> str:
+    """The markdown of `runs`: (model name, JSON path) pairs; `regime`: a
+    `bench/paper_regime.py` JSON whose finding follows the targets table."""
     out, checks, first = [], {}, {}
     for model, path in runs:
         meta, tables = _load(path)
@@ -87,6 +112,8 @@ def summary(runs: list[tuple[str, str]]) -> str:
         first.setdefault(model, tables)
     out += ["", "Targets (a cell names the trained predictors that meet it):", ""]
     out.append(targets_markdown(checks))
+    if regime:
+        out += ["", regime_line(json.loads(Path(regime).read_text()))]
     for model, tables in first.items():
         name = next(iter(tables))
         out += ["", f"**{model}**, {name.rsplit(' ', 1)[0]} (redundant; dense beside it):", ""]
@@ -99,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="MODEL=PATH of an evaluation JSON")
     ap.add_argument("--out", required=True, help="markdown file to write")
+    ap.add_argument("--regime", help="a bench/paper_regime.py JSON to summarise too")
     args = ap.parse_args(argv)
     runs = []
     for item in args.runs:
@@ -106,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             ap.error(f"run {item!r} is not MODEL=PATH")
         runs.append((model, path))
-    text = summary(runs)
+    text = summary(runs, args.regime)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -56,3 +56,20 @@ def test_smoke_run_on_the_small_model(tmp_path):
     assert full["flops_percent"] > 90 and full["paper_flops_percent"] < full["flops_percent"]
     assert 0 < full["kept_image_tokens"] < 64
     assert "FullPrefill(m=8 k=1)" in out.with_suffix(".md").read_text()
+
+
+def test_the_eval_summary_states_the_reach():
+    from bench.eval_summary import regime_line
+
+    rows = [
+        {"name": "NoPrune", "paper_flops_percent": 100.0, "cider": 200.0},
+        {"name": "FullPrefill(m=8 k=1)", "paper_flops_percent": 39.0, "cider": 170.0},
+        {"name": "FullPrefill(m=4 k=1)", "paper_flops_percent": 30.0, "cider": 150.0},
+        {"name": "FastV(k=2 r=0.5)", "paper_flops_percent": 62.0, "cider": 190.0},
+    ]
+    doc = {"model": "/x/tiny_llava_large", "n": 5, "styles": {"dense": {"rows": rows}}}
+    line = regime_line(doc)
+    assert "dense: FullPrefill(m=8 k=1) at 39.0 %, 85.0 % of NoPrune" in line
+    assert "tiny_llava_large" in line and "5 pictures" in line
+    doc["styles"]["dense"]["rows"] = rows[:1] + rows[3:]
+    assert "dense: no schedule at <= 40 %" in regime_line(doc)
