@@ -20,7 +20,7 @@ VPY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py tools/cuda_toolkit.py CMakeLists.txt
 
-.PHONY: test-vllm bench-vllm test test-full demo demo-readme bench bench-quick bench-e2e build other-builds lint format clean \
+.PHONY: test-vllm bench-vllm test test-full demo demo-readme bench bench-quick train-baselines bench-e2e build other-builds lint format clean \
 	train-vlm train-vlm-large train-predictor train-predictor-large eval eval-large eval-rest
 
 $(VENV)/.deps: requirements-dev.txt
@@ -112,6 +112,19 @@ train-predictor-large: build
 		--out $(ASSETS_LARGE)/predictor_k1_b38_paper.safetensors
 	$(PREDICTOR) --model large --val-limit 0 --k 1 --budget 0.38 --budget-currency paper-flops $(OURS) \
 		--init fastv:0.5 --out $(ASSETS_LARGE)/predictor_k1_b38_paper_k32.safetensors
+
+# Each committed predictor's objective on its training data against the best FastV rate and
+# the best per-picture mix of rates (an oracle), small and large model side by side.
+train-baselines: build
+	$(MAKE) -j2 train-baselines-small train-baselines-large
+
+train-baselines-small:
+	$(VPY) -m dyrate_ext.train baselines --quiet --out bench/results/train_objective_small \
+		$(sort $(wildcard $(ASSETS)/predictor_*.json))
+
+train-baselines-large:
+	$(VPY) -m dyrate_ext.train baselines --quiet --out bench/results/train_objective_large \
+		$(sort $(wildcard $(ASSETS_LARGE)/predictor_*.json))
 
 # Four evaluations and the paper-style schedules (bench/paper_regime.py) on the 2 cores, two
 # jobs at a time, then the README section.

@@ -1,7 +1,8 @@
-"""`python -m dyrate_ext.train {vlm,predictor} [options]`: dispatch to a trainer's `main(argv)`.
+"""`python -m dyrate_ext.train {vlm,predictor,baselines} [options]`: dispatch to a trainer's `main(argv)`.
 
     python -m dyrate_ext.train vlm --help         # the tiny LLaVA (dyrate_ext.train.vlm)
     python -m dyrate_ext.train predictor --help   # DyRate's predictor (dyrate_ext.train.predictor)
+    python -m dyrate_ext.train baselines --help   # its objective vs FastV (dyrate_ext.train.baselines)
 
 Each trainer is imported only when its subcommand runs.
 """
@@ -17,11 +18,15 @@ COMMANDS = {
         "dyrate_ext.train.predictor",
         "train a DyRate rate predictor (straight-through Gumbel-Softmax) for a frozen VLM",
     ),
+    "baselines": (
+        "dyrate_ext.train.baselines",
+        "a trained predictor's objective against FastV rates and the best per-picture mix",
+    ),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m dyrate_ext.train {vlm,predictor} [options]", ""]
+    lines = ["usage: python -m dyrate_ext.train {vlm,predictor,baselines} [options]", ""]
     lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
