@@ -139,10 +139,10 @@ eval: build
 
 eval-large:
 	$(EVAL) --model large --n 200 --out bench/results/eval_large
+	$(VPY) bench/paper_regime.py --model large --n 200 --quiet --out bench/results/paper_regime
 
 eval-rest:
 	$(EVAL) --model large --base $(UNSEEN) --n 100 --out bench/results/eval_large_unseen
-	$(VPY) bench/paper_regime.py --model large --n 100 --quiet --out bench/results/paper_regime
 	$(EVAL) --model small --out bench/results/eval
 	$(EVAL) --model small --base $(UNSEEN) --n 100 --out bench/results/eval_unseen
 
