@@ -23,12 +23,9 @@ from tqdm import tqdm
 
 from dyrate_ext.evaluate.runner import Row, Spec, embedded_set, prepare, run_policy
 from dyrate_ext.evaluate.specs import load_model
-from dyrate_ext.evaluate.targets import PAPER_BUDGET
+from dyrate_ext.evaluate.targets import PAPER_BUDGET, PAPER_QUALITY
 from dyrate_ext.policies import VTW, Decision, FastV, NoPrune, Policy, StepStats
 from dyrate_ext.train.model import picture_settings
-
-QUALITY = 0.97
-"""The share of NoPrune's CIDEr the paper-style target asks for."""
 
 
 class FullPrefill(Policy):
@@ -75,12 +72,12 @@ def _table(style: str, rows: list[Row]) -> list[str]:
 
 
 def reaches(rows: list[Row]) -> list[str]:
-    """The rows at <= PAPER_BUDGET % paper-style FLOPs with >= QUALITY of NoPrune's CIDEr."""
+    """The rows at <= PAPER_BUDGET % paper-style FLOPs with >= PAPER_QUALITY of NoPrune's CIDEr."""
     base = rows[0].cider
     return [
         r.name
         for r in rows[1:]
-        if r.paper_flops_percent <= PAPER_BUDGET and r.cider >= QUALITY * base
+        if r.paper_flops_percent <= PAPER_BUDGET and r.cider >= PAPER_QUALITY * base
     ]
 
 
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["styles"][style] = {"rows": [_summary(r) for r in rows], "reaches_target": found}
         lines += _table(data.name, rows)
         verdict = ", ".join(found) if found else "none"
-        lines += [f"At <= {PAPER_BUDGET:.0f} % with >= {100 * QUALITY:.0f} %: {verdict}.", ""]
+        lines += [f"At <= {PAPER_BUDGET:.0f} % with >= {100 * PAPER_QUALITY:.0f} %: {verdict}.", ""]
     head = (
         f"Model {folder}, {args.n} test pictures per style, {args.threads} thread(s), "
         f"{time.perf_counter() - start:.0f} s. FullPrefill(m, k): every image token through "

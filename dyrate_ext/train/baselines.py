@@ -68,22 +68,6 @@ def rate_grid(num_rates: int, costs: list[float] | None = None, budget: float = 
     return sorted(grid)
 
 
-def constant_costs(objective: Objective, items: list[Cached], num_rates: int) -> list[float]:
-    """Each class's cost over `items` at every step (ratio of sums, the objective's currency)."""
-    out = []
-    for j in range(num_rates):
-        cost = base = 0.0
-        for c in items:
-            p = c.prep
-            y = F.one_hot(torch.full_like(p.targets, j), num_rates).float()
-            args = (p.num_image, p.prompt_length, p.row_valid)
-            a, b = expected_cost(objective.shape, objective.masked.k, y, *args,
-                                 objective.currency, parts=True)  # fmt: skip
-            cost, base = cost + float(a), base + float(b)
-        out.append(cost / base)
-    return out
-
-
 @dataclass
 class RateTable:
     """Per picture and class of `classes`: quality sums q [P, J] over the picture's rows, cost
@@ -106,47 +90,40 @@ class RateTable:
 @torch.no_grad()
 def rate_table(objective: Objective, items: list[Cached], num_rates: int) -> RateTable:
     """Every picture under every class of `rate_grid` at every step."""
-    constant = constant_costs(objective, items, num_rates) if num_rates > GRID else None
-    classes = rate_grid(num_rates, constant, objective.budget)
     k, shape = objective.masked.k, objective.shape
-    qs: list[Tensor] = []
-    costs: list[Tensor] = []
-    bases: list[Tensor] = []
-    rows: list[Tensor] = []
+    costs = [_class_costs(shape, k, c.prep, num_rates, objective.currency) for c in items]
+    cost = torch.cat([c for c, _ in costs]).double()  # [P, K]
+    base = torch.cat([b for _, b in costs]).double()  # [P]
+    constant = (cost.sum(dim=0) / base.sum()).tolist()
+    classes = rate_grid(num_rates, constant, objective.budget)
+    qs = []
     for c in items:
         p = c.prep
-        valid = p.row_valid
-        q_cols, c_cols = [], []
+        q_cols = []
         for j in classes:
             y = F.one_hot(torch.full_like(p.targets, j), num_rates).float()
             m, _, _ = objective._masks(p, y)
             per = per_row_quality(objective.masked.upper(p, m), c, objective.quality)
             q_cols.append(per.sum(dim=1))
-            c_cols.append(_per_sample_cost(shape, k, y, p, objective.currency)[0])
-        base = _per_sample_cost(shape, k, y, p, objective.currency)[1]
         qs.append(torch.stack(q_cols, dim=1))
-        costs.append(torch.stack(c_cols, dim=1))
-        bases.append(base)
-        rows.append(valid.sum(dim=1).to(torch.float64))
-    return RateTable(
-        classes,
-        torch.cat(qs).double(),
-        torch.cat(costs).double(),
-        torch.cat(bases).double(),
-        torch.cat(rows),
-    )
+    rows = torch.cat([c.prep.row_valid.sum(dim=1) for c in items]).double()
+    return RateTable(classes, torch.cat(qs).double(), cost[:, classes], base, rows)
 
 
-def _per_sample_cost(
-    shape: DecoderShape, k: int, y: Tensor, p: Any, currency: str
+def _class_costs(
+    shape: DecoderShape, k: int, p: Any, num_rates: int, currency: str
 ) -> tuple[Tensor, Tensor]:
-    """(cost [B], NoPrune's [B]) of hard decisions y [B, C, K], one sample at a time."""
-    out = []
-    for b in range(y.shape[0]):
+    """(cost [B, K] of class j at every step, NoPrune's [B]) per sample of one batch."""
+    cost = torch.zeros(p.targets.shape[0], num_rates, dtype=torch.float64)
+    base = torch.zeros(p.targets.shape[0], dtype=torch.float64)
+    for b in range(p.targets.shape[0]):
         one = slice(b, b + 1)
         args = (p.num_image[one], p.prompt_length[one], p.row_valid[one])
-        out.append(expected_cost(shape, k, y[one], *args, currency, parts=True))
-    return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+        for j in range(num_rates):
+            y = F.one_hot(torch.full_like(p.targets[one], j), num_rates).float()
+            c, n = expected_cost(shape, k, y, *args, currency, parts=True)
+            cost[b, j], base[b] = float(c), float(n)
+    return cost, base
 
 
 def best_mix(table: RateTable, lam: float, budget: float, bins: int = 20000) -> Tensor:
