@@ -23,7 +23,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PAPER_BUDGET", "PAPER_QUALITY", "TARGETS", "SetChecks", "check_targets", "targets_markdown"]
+__all__ = [
+    "PAPER_BUDGET",
+    "PAPER_QUALITY",
+    "TARGETS",
+    "SetChecks",
+    "check_targets",
+    "targets_markdown",
+]
 
 PAPER_BUDGET = 40.0
 """The paper-style FLOPs (% of NoPrune) a predictor must reach for the "paper" target."""
